@@ -1,0 +1,240 @@
+// CPU kernels of multi-level RoIAlign.
+// Forward: parallel over RoIs; per RoI the separable sampling taps are built once and reused
+// for every channel. Backward: parallel over channels, each thread owning its channel of every
+// level, visiting RoIs in order and adding each RoI's footprint gradient Wy^T (G/count) Wx:
+// deterministic for any thread count, no atomics.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../multilevel_roi_align.h"
+#include "../roi_align_common.h"
+
+namespace dsig {
+namespace ops {
+namespace {
+
+using detail::AxisTap;
+using detail::RoiGeometry;
+
+template <typename acc_t>
+RoiGeometry<acc_t> geometry_of(const acc_t* roi, const std::vector<double>& scales, int64_t level,
+                               int64_t ph, int64_t pw, int64_t sampling_ratio, bool aligned) {
+  return detail::roi_geometry<acc_t>(roi[1], roi[2], roi[3], roi[4],
+                                     static_cast<acc_t>(scales[level]), static_cast<int>(ph),
+                                     static_cast<int>(pw), static_cast<int>(sampling_ratio),
+                                     aligned);
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_impl(const std::vector<at::Tensor>& feats, const at::Tensor& rois,
+                  const at::Tensor& levels, const std::vector<double>& scales, int64_t ph,
+                  int64_t pw, int64_t sampling_ratio, bool aligned, at::Tensor& out) {
+  const int64_t K = rois.size(0);
+  const int64_t C = out.size(1);
+  const acc_t* roi_data = rois.data_ptr<acc_t>();
+  const int64_t* lvl = levels.data_ptr<int64_t>();
+  scalar_t* out_data = out.data_ptr<scalar_t>();
+  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+    std::vector<AxisTap<acc_t>> ytaps, xtaps;
+    for (int64_t k = begin; k < end; ++k) {
+      const acc_t* roi = roi_data + 5 * k;
+      const at::Tensor& f = feats[lvl[k]];
+      const int H = static_cast<int>(f.size(2)), W = static_cast<int>(f.size(3));
+      const RoiGeometry<acc_t> g =
+          geometry_of(roi, scales, lvl[k], ph, pw, sampling_ratio, aligned);
+      ytaps.resize(ph * g.grid_h);
+      xtaps.resize(pw * g.grid_w);
+      for (int p = 0; p < ph; ++p)
+        for (int i = 0; i < g.grid_h; ++i)
+          ytaps[p * g.grid_h + i] =
+              detail::axis_tap(detail::sample_coord(g.start_h, g.bin_h, p, i, g.grid_h), H);
+      for (int p = 0; p < pw; ++p)
+        for (int i = 0; i < g.grid_w; ++i)
+          xtaps[p * g.grid_w + i] =
+              detail::axis_tap(detail::sample_coord(g.start_w, g.bin_w, p, i, g.grid_w), W);
+      const int64_t b = static_cast<int64_t>(roi[0]);
+      const scalar_t* base = f.data_ptr<scalar_t>() + b * f.stride(0);
+      const int64_t sc = f.stride(1), sh = f.stride(2), sw = f.stride(3);
+      scalar_t* o = out_data + k * C * ph * pw;
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* plane = base + c * sc;
+        for (int y = 0; y < ph; ++y) {
+          for (int x = 0; x < pw; ++x) {
+            acc_t sum = acc_t(0);
+            for (int iy = 0; iy < g.grid_h; ++iy) {
+              const AxisTap<acc_t>& ty = ytaps[y * g.grid_h + iy];
+              if (!ty.valid) continue;
+              for (int ix = 0; ix < g.grid_w; ++ix) {
+                const AxisTap<acc_t>& tx = xtaps[x * g.grid_w + ix];
+                if (!tx.valid) continue;
+                sum += detail::bilinear<scalar_t, acc_t>(plane, sh, sw, ty, tx);
+              }
+            }
+            o[(c * ph + y) * pw + x] = static_cast<scalar_t>(sum / g.count);
+          }
+        }
+      }
+    }
+  });
+}
+
+// Dense separable footprint weights of one RoI: Wy [ph][fh], Wx [pw][fw].
+template <typename acc_t>
+struct Footprint {
+  int y0 = 0, x0 = 0, fh = 0, fw = 0;
+  acc_t inv_count = acc_t(0);
+  std::vector<acc_t> wy, wx;
+};
+
+template <typename acc_t>
+Footprint<acc_t> footprint_of(const RoiGeometry<acc_t>& g, int H, int W, int64_t ph,
+                              int64_t pw) {
+  Footprint<acc_t> fp;
+  int y_first, y_last, x_first, x_last;
+  detail::axis_extent(g.start_h, g.bin_h, static_cast<int>(ph), g.grid_h, H, &y_first, &y_last);
+  detail::axis_extent(g.start_w, g.bin_w, static_cast<int>(pw), g.grid_w, W, &x_first, &x_last);
+  if (y_first > y_last || x_first > x_last) return fp;  // no valid sample
+  fp.y0 = y_first;
+  fp.x0 = x_first;
+  fp.fh = y_last - y_first + 1;
+  fp.fw = x_last - x_first + 1;
+  fp.inv_count = acc_t(1) / g.count;
+  fp.wy.resize(ph * fp.fh);
+  fp.wx.resize(pw * fp.fw);
+  for (int p = 0; p < ph; ++p)
+    for (int y = 0; y < fp.fh; ++y)
+      fp.wy[p * fp.fh + y] =
+          detail::axis_pixel_weight(g.start_h, g.bin_h, p, g.grid_h, H, fp.y0 + y);
+  for (int p = 0; p < pw; ++p)
+    for (int x = 0; x < fp.fw; ++x)
+      fp.wx[p * fp.fw + x] =
+          detail::axis_pixel_weight(g.start_w, g.bin_w, p, g.grid_w, W, fp.x0 + x);
+  return fp;
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_impl(const at::Tensor& grad, const at::Tensor& rois, const at::Tensor& levels,
+                   const std::vector<double>& scales, int64_t C, at::IntArrayRef heights,
+                   at::IntArrayRef widths, int64_t sampling_ratio, bool aligned,
+                   std::vector<at::Tensor>& acc_grads) {
+  const int64_t K = rois.size(0);
+  const int64_t ph = grad.size(2), pw = grad.size(3);
+  const acc_t* roi_data = rois.data_ptr<acc_t>();
+  const int64_t* lvl = levels.data_ptr<int64_t>();
+  std::vector<Footprint<acc_t>> fps(K);
+  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const RoiGeometry<acc_t> g =
+          geometry_of(roi_data + 5 * k, scales, lvl[k], ph, pw, sampling_ratio, aligned);
+      fps[k] = footprint_of(g, static_cast<int>(heights[lvl[k]]),
+                            static_cast<int>(widths[lvl[k]]), ph, pw);
+    }
+  });
+  const scalar_t* gdata = grad.data_ptr<scalar_t>();
+  const int64_t g0 = grad.stride(0), g1 = grad.stride(1), g2 = grad.stride(2),
+                g3 = grad.stride(3);
+  at::parallel_for(0, C, 1, [&](int64_t c_begin, int64_t c_end) {
+    std::vector<acc_t> t1;
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      for (int64_t k = 0; k < K; ++k) {
+        const Footprint<acc_t>& fp = fps[k];
+        if (fp.fh == 0) continue;
+        const int64_t l = lvl[k];
+        const int64_t W = widths[l];
+        const int64_t b = static_cast<int64_t>(roi_data[5 * k]);
+        acc_t* plane = acc_grads[l].data_ptr<acc_t>() + (b * C + c) * heights[l] * W;
+        // t1[p][x] = sum_q G[p][q] / count * Wx[q][x]
+        t1.assign(ph * fp.fw, acc_t(0));
+        for (int64_t p = 0; p < ph; ++p) {
+          acc_t* t1_row = t1.data() + p * fp.fw;
+          for (int64_t q = 0; q < pw; ++q) {
+            const acc_t gv =
+                static_cast<acc_t>(gdata[k * g0 + c * g1 + p * g2 + q * g3]) * fp.inv_count;
+            if (gv == acc_t(0)) continue;
+            const acc_t* wx_row = fp.wx.data() + q * fp.fw;
+            for (int x = 0; x < fp.fw; ++x) t1_row[x] += gv * wx_row[x];
+          }
+        }
+        // plane[y0 + y][x0 + x] += sum_p Wy[p][y] t1[p][x]
+        for (int64_t p = 0; p < ph; ++p) {
+          const acc_t* t1_row = t1.data() + p * fp.fw;
+          for (int y = 0; y < fp.fh; ++y) {
+            const acc_t wy = fp.wy[p * fp.fh + y];
+            if (wy == acc_t(0)) continue;
+            acc_t* row = plane + (fp.y0 + y) * W + fp.x0;
+            for (int x = 0; x < fp.fw; ++x) row[x] += wy * t1_row[x];
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor multilevel_roi_align_forward_cpu(at::TensorList features, const at::Tensor& rois,
+                                            const at::Tensor& levels,
+                                            at::ArrayRef<double> spatial_scales,
+                                            int64_t pooled_height, int64_t pooled_width,
+                                            int64_t sampling_ratio, bool aligned,
+                                            bool /*deterministic*/) {
+  check_multilevel_roi_align_args(features, rois, levels, spatial_scales, pooled_height,
+                                  pooled_width);
+  const at::Tensor& f0 = features[0];
+  const auto acc = accumulate_type(f0.scalar_type());
+  const at::Tensor rois_acc = rois.to(acc).contiguous();
+  const at::Tensor levels64 = levels.to(at::kLong).contiguous();
+  check_roi_values_cpu(rois_acc, levels64, f0.size(0), static_cast<int64_t>(features.size()));
+  at::Tensor out = at::empty({rois.size(0), f0.size(1), pooled_height, pooled_width},
+                             f0.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  std::vector<at::Tensor> feats(features.begin(), features.end());
+  std::vector<double> scales(spatial_scales.begin(), spatial_scales.end());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(),
+                                  "multilevel_roi_align_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_impl<scalar_t, acc_t>(feats, rois_acc, levels64, scales, pooled_height,
+                                  pooled_width, sampling_ratio, aligned, out);
+  });
+  return out;
+}
+
+std::vector<at::Tensor> multilevel_roi_align_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& rois, const at::Tensor& levels,
+    at::ArrayRef<double> spatial_scales, int64_t batch_size, int64_t channels,
+    at::IntArrayRef heights, at::IntArrayRef widths, int64_t sampling_ratio, bool aligned,
+    bool /*deterministic: the CPU backward always is*/) {
+  check_multilevel_roi_align_backward_args(grad, rois, levels, spatial_scales, batch_size,
+                                           channels, heights, widths);
+  const auto acc = accumulate_type(grad.scalar_type());
+  const at::Tensor rois_acc = rois.to(acc).contiguous();
+  const at::Tensor levels64 = levels.to(at::kLong).contiguous();
+  const int64_t L = static_cast<int64_t>(heights.size());
+  check_roi_values_cpu(rois_acc, levels64, batch_size, L);
+  std::vector<at::Tensor> acc_grads;
+  for (int64_t l = 0; l < L; ++l)
+    acc_grads.push_back(at::zeros({batch_size, channels, heights[l], widths[l]},
+                                  grad.options().dtype(acc)));
+  if (grad.numel() > 0) {
+    std::vector<double> scales(spatial_scales.begin(), spatial_scales.end());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                    "multilevel_roi_align_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      backward_impl<scalar_t, acc_t>(grad, rois_acc, levels64, scales, channels, heights,
+                                     widths, sampling_ratio, aligned, acc_grads);
+    });
+  }
+  if (acc != grad.scalar_type())
+    for (auto& t : acc_grads) t = t.to(grad.scalar_type());
+  return acc_grads;
+}
+
+}  // namespace
+}  // namespace ops
+}  // namespace dsig
+
+TORCH_LIBRARY_IMPL(dsig, CPU, m) {
+  m.impl("multilevel_roi_align", &dsig::ops::multilevel_roi_align_forward_cpu);
+  m.impl("_multilevel_roi_align_backward", &dsig::ops::multilevel_roi_align_backward_cpu);
+}
