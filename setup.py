@@ -68,7 +68,7 @@ def get_extension():
     sources += sorted(glob.glob(os.path.join(csrc, "ops", "cuda", "*.cu")))
     extra["cxx"].append("-DDSIG_WITH_CUDA")
     # no fast math: level assignment and border rules must match torch bit for bit
-    extra["nvcc"] = ["-O3", "-DDSIG_WITH_CUDA", "-std=c++17"]
+    extra["nvcc"] = ["-O3", "-DDSIG_WITH_CUDA"]
     kwargs["include_dirs"] += _extra_cuda_includes()
     return CUDAExtension("dsig_ext._C", sources, extra_compile_args=extra, **kwargs)
 

@@ -1,0 +1,161 @@
+"""Public functional API of dsig_ext: each function runs the fused op or its reference twin,
+as selected by ``set_backend`` or its ``backend=`` argument."""
+from typing import List, Sequence, Union
+
+import torch
+
+from . import reference
+from ._extension import require_extension
+from .backend import resolve
+
+BoxList = Sequence[torch.Tensor]
+
+
+def _pair(size):
+    return reference._pair(size)
+
+
+def _boxes_tensor(b) -> torch.Tensor:
+    return b.tensor if hasattr(b, "tensor") else b  # detectron2 Boxes or a plain tensor
+
+
+def convert_boxes_to_rois(box_lists: BoxList) -> torch.Tensor:
+    """List of per-image boxes ([n_i, 4] tensors or detectron2 ``Boxes``) -> rois [K, 5] with
+    the image index in column 0."""
+    tensors = [_boxes_tensor(b) for b in box_lists]
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[1] != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"boxes of image {i} must be an [n, 4] tensor, got {shape}")
+    if not tensors:
+        return torch.zeros((0, 5))
+    boxes = torch.cat(tensors, dim=0)
+    index = torch.cat([torch.full((t.shape[0], 1), i, dtype=boxes.dtype, device=boxes.device)
+                       for i, t in enumerate(tensors)], dim=0)
+    return torch.cat([index, boxes], dim=1)
+
+
+def assign_fpn_levels(boxes: torch.Tensor, min_level: int, max_level: int,
+                      canonical_box_size: float = 224.0, canonical_level: int = 4, *,
+                      backend=None) -> torch.Tensor:
+    """0-based FPN level of each box [K, 4] (x1, y1, x2, y2), bitwise equal to detectron2's
+    ``assign_boxes_to_levels``:
+    ``clamp(floor(canonical_level + log2(sqrt(area) / canonical_box_size + 1e-8)),
+    min_level, max_level) - min_level`` -> int64 [K]."""
+    if not isinstance(boxes, torch.Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must be a [K, 4] tensor, got {getattr(boxes, 'shape', boxes)}")
+    if resolve(backend) == "reference":
+        return reference.assign_fpn_levels(boxes, min_level, max_level, canonical_box_size,
+                                           canonical_level)
+    require_extension()
+    return torch.ops.dsig.assign_fpn_levels(boxes, int(min_level), int(max_level),
+                                            float(canonical_box_size), int(canonical_level))
+
+
+def _check_roi_values(rois: torch.Tensor, levels: torch.Tensor, num_images: int,
+                      num_levels: int) -> None:
+    """Value checks the CUDA kernels cannot raise themselves (one host sync)."""
+    if rois.shape[0] == 0:
+        return
+    coords_ok = torch.isfinite(rois[:, 1:]).all()
+    b = rois[:, 0]
+    batch_ok = ((b >= 0) & (b < num_images) & (b == torch.floor(b))).all()
+    levels_ok = ((levels >= 0) & (levels < num_levels)).all()
+    coords_ok, batch_ok, levels_ok = torch.stack([coords_ok, batch_ok, levels_ok]).tolist()
+    if not coords_ok:
+        raise ValueError("multilevel_roi_align: a box has a NaN or infinite coordinate")
+    if not batch_ok:
+        raise ValueError(f"multilevel_roi_align: batch indices must be integers in "
+                         f"[0, {num_images})")
+    if not levels_ok:
+        raise ValueError(f"multilevel_roi_align: levels must be in [0, {num_levels})")
+
+
+def multilevel_roi_align(features: Sequence[torch.Tensor],
+                         rois: Union[torch.Tensor, BoxList], levels: torch.Tensor,
+                         spatial_scales: Sequence[float], output_size, sampling_ratio: int = 0,
+                         aligned: bool = True, *, deterministic=None, check_inputs: bool = True,
+                         backend=None) -> torch.Tensor:
+    """RoIAlign of every RoI on its own pyramid level, all levels in one launch.
+
+    Args:
+        features: L tensors [B, C, H_l, W_l], one dtype and device.
+        rois: [K, 5] (batch_index, x1, y1, x2, y2) in image coordinates, or a list of B
+            per-image [n_i, 4] boxes.
+        levels: [K] int64/int32, index into ``features`` of each RoI.
+        spatial_scales: L floats, level size / image size (1/4, 1/8, ...).
+        output_size: int or (oh, ow).
+        sampling_ratio: samples per bin axis; 0 = adaptive ceil(roi_size / output_size).
+        aligned: half-pixel offset (detectron2 "ROIAlignV2"); False = legacy "ROIAlign".
+        deterministic: backward without atomics; default
+            ``torch.are_deterministic_algorithms_enabled()``.
+        check_inputs: verify finite boxes and index ranges (costs one host sync on GPU).
+    Returns:
+        [K, C, oh, ow], identical to ``torchvision.ops.roi_align`` of each RoI on its level.
+    """
+    if isinstance(rois, (list, tuple)):
+        rois = convert_boxes_to_rois(rois)
+    features = list(features)
+    if not features:
+        raise ValueError("multilevel_roi_align: features must hold at least one level")
+    oh, ow = _pair(output_size)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    if resolve(backend) == "reference":
+        return reference.multilevel_roi_align(features, rois, levels, spatial_scales, (oh, ow),
+                                              sampling_ratio, aligned)
+    require_extension()
+    scales = [float(s) for s in spatial_scales]
+    if (check_inputs and features[0].device.type != "cpu"  # the CPU kernel checks itself
+            and not torch.compiler.is_compiling()):
+        if rois.dim() == 2 and levels.dim() == 1:
+            _check_roi_values(rois, levels, features[0].shape[0], len(features))
+    return torch.ops.dsig.multilevel_roi_align(features, rois, levels, scales, oh, ow,
+                                               int(sampling_ratio), bool(aligned),
+                                               bool(deterministic))
+
+
+def cosine_edges(x: torch.Tensor, offsets: torch.Tensor, eps: float = 1e-12, *,
+                 zero_dead_rows: bool = False, backend=None) -> torch.Tensor:
+    """Cosine-similarity edge matrices of the graphs of ``x`` [N, D]; graph g is rows
+    ``offsets[g]:offsets[g+1]`` (int64 [G+1], 0 ... N).
+
+    Returns a block-diagonal [N, N] tensor: block g is ``E_g = normalize(X_g) normalize(X_g)^T``
+    (``F.normalize`` semantics, ``max(||x||, eps)``), zero between graphs; ``graph_blocks``
+    splits it. With ``zero_dead_rows`` rows of norm < eps get no gradient.
+    """
+    if resolve(backend) == "reference":
+        return reference.cosine_edges(x, offsets, eps, zero_dead_rows)
+    require_extension()
+    return torch.ops.dsig.cosine_edges(x, offsets, float(eps), bool(zero_dead_rows))
+
+
+def edge_mse_loss(student: torch.Tensor, teacher: torch.Tensor, offsets: torch.Tensor,
+                  eps: float = 1e-12, *, zero_dead_rows: bool = False,
+                  backend=None) -> torch.Tensor:
+    """DSIG edge loss ``sum_g 1/2 mean((E_t,g - E_s,g)^2)`` over all graphs in one call.
+
+    ``student`` and ``teacher`` are [N, D] node features, graph g the rows
+    ``offsets[g]:offsets[g+1]``; graphs of 0 or 1 nodes are valid. The backward is one product
+    per graph, ``dX = M X``, with M formed in the forward. Pass ``offsets`` on the CPU to avoid
+    a device-to-host copy when the features are on a GPU.
+    """
+    if resolve(backend) == "reference":
+        return reference.edge_mse_loss(student, teacher, offsets, eps, zero_dead_rows)
+    require_extension()
+    return torch.ops.dsig.edge_mse_loss(student, teacher, offsets, float(eps),
+                                        bool(zero_dead_rows))
+
+
+def graph_blocks(matrix: torch.Tensor, offsets: torch.Tensor) -> List[torch.Tensor]:
+    """The per-graph diagonal blocks of a block-diagonal [N, N] matrix (views)."""
+    o = offsets.tolist()
+    return [matrix[a:b, a:b] for a, b in zip(o[:-1], o[1:])]
+
+
+def offsets_from_counts(counts: Sequence[int], device=None) -> torch.Tensor:
+    """[n_0, n_1, ...] -> int64 offsets [0, n_0, n_0 + n_1, ...]."""
+    out = torch.zeros(len(counts) + 1, dtype=torch.int64, device=device)
+    if len(counts):
+        out[1:] = torch.cumsum(torch.as_tensor(list(counts), dtype=torch.int64), 0).to(out.device)
+    return out

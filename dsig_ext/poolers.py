@@ -1,0 +1,81 @@
+"""``MultiLevelRoIAlign``: a drop-in replacement for detectron2's ``ROIPooler`` (RoIAlign
+types) on the fused op, without importing detectron2."""
+import math
+from typing import List, Sequence
+
+import torch
+from torch import nn
+
+from . import ops
+
+_POOLER_TYPES = {"ROIAlignV2": True, "ROIAlign": False}
+
+
+class MultiLevelRoIAlign(nn.Module):
+    """Pools each box on its FPN level, all levels in one launch.
+
+    Same constructor as detectron2's ``ROIPooler``: ``output_size`` (int or pair), ``scales``
+    (one per level, 1/stride, coarsest last), ``sampling_ratio``, ``pooler_type``
+    ("ROIAlignV2" or "ROIAlign"), ``canonical_box_size`` and ``canonical_level``. Has no
+    parameters, so checkpoints stay interchangeable with detectron2's.
+    """
+
+    def __init__(self, output_size, scales: Sequence[float], sampling_ratio: int,
+                 pooler_type: str = "ROIAlignV2", canonical_box_size: int = 224,
+                 canonical_level: int = 4, *, deterministic=None, backend=None):
+        super().__init__()
+        self.output_size = tuple(ops._pair(output_size))
+        if pooler_type not in _POOLER_TYPES:
+            raise ValueError(f"MultiLevelRoIAlign supports pooler_type {sorted(_POOLER_TYPES)}, "
+                             f"got {pooler_type!r}")
+        if len(scales) == 0:
+            raise ValueError("MultiLevelRoIAlign needs at least one scale")
+        self.scales = [float(s) for s in scales]
+        self.sampling_ratio = int(sampling_ratio)
+        self.pooler_type = pooler_type
+        self.aligned = _POOLER_TYPES[pooler_type]
+        min_level = -math.log2(self.scales[0])
+        max_level = -math.log2(self.scales[-1])
+        if not (math.isclose(min_level, round(min_level))
+                and math.isclose(max_level, round(max_level))):
+            raise ValueError(f"scales must be powers of 1/2 (one per FPN level), got {scales}")
+        self.min_level, self.max_level = int(round(min_level)), int(round(max_level))
+        if len(scales) != self.max_level - self.min_level + 1:
+            raise ValueError("scales must be consecutive pyramid levels, got {scales}")
+        if not 0 <= self.min_level <= self.max_level:
+            raise ValueError(f"bad scales {scales}")
+        self.canonical_box_size = canonical_box_size
+        self.canonical_level = canonical_level
+        if canonical_box_size <= 0:
+            raise ValueError("canonical_box_size must be positive")
+        self.deterministic = deterministic
+        self.backend = backend
+
+    def forward(self, x: List[torch.Tensor], box_lists) -> torch.Tensor:
+        """x: L feature maps [B, C, H_l, W_l]; box_lists: B per-image boxes ([n, 4] tensors or
+        detectron2 ``Boxes``) in image coordinates. Returns [sum n_i, C, oh, ow]."""
+        if not isinstance(x, (list, tuple)):
+            raise TypeError("MultiLevelRoIAlign: x must be a list of feature maps")
+        if len(x) != len(self.scales):
+            raise ValueError(f"MultiLevelRoIAlign: got {len(x)} feature maps for "
+                             f"{len(self.scales)} scales")
+        if len(box_lists) != x[0].shape[0]:
+            raise ValueError(f"MultiLevelRoIAlign: got boxes for {len(box_lists)} images but the "
+                             f"features hold {x[0].shape[0]}")
+        if len(box_lists) == 0:
+            return x[0].new_zeros((0, x[0].shape[1]) + self.output_size)
+        rois = ops.convert_boxes_to_rois(box_lists).to(device=x[0].device)
+        levels = ops.assign_fpn_levels(rois[:, 1:], self.min_level, self.max_level,
+                                       self.canonical_box_size, self.canonical_level,
+                                       backend=self.backend)
+        # rois and levels are well formed by construction: no value check (no host sync)
+        return ops.multilevel_roi_align(x, rois, levels, self.scales, self.output_size,
+                                        self.sampling_ratio, self.aligned,
+                                        deterministic=self.deterministic, check_inputs=False,
+                                        backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, scales={self.scales}, "
+                f"sampling_ratio={self.sampling_ratio}, pooler_type={self.pooler_type!r}, "
+                f"canonical_box_size={self.canonical_box_size}, "
+                f"canonical_level={self.canonical_level}")
