@@ -16,7 +16,7 @@ files. This step:
      unavailable (rotated boxes/NMS, RoIAlignRotated, deformable conv) and COCO evaluation uses
      the pycocotools path (``COCOeval_opt`` falls back to ``COCOeval``).
 
-Usage: python scripts/install_detectron2.py [--force]
+Usage: python projects/Distillation/tools/install_detectron2.py [--force]
 """
 import argparse
 import os
@@ -36,7 +36,7 @@ RUNTIME_DEPS = [
 ]
 
 MINIMAL_SETUP = '''\
-# Written by dsig's scripts/install_detectron2.py: pure-Python install, no C++ extension.
+# Written by dsig's install_detectron2.py: pure-Python install, no C++ extension.
 from setuptools import find_packages, setup
 
 setup(
