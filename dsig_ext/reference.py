@@ -40,6 +40,8 @@ def multilevel_roi_align(features: Sequence[torch.Tensor], rois: torch.Tensor,
             continue
         out.index_put_((inds,), roi_align(feature, rois[inds], (oh, ow), spatial_scale=scale,
                                           sampling_ratio=sampling_ratio, aligned=aligned))
+    if rois.shape[0] == 0 and any(f.requires_grad for f in features):
+        out = out + f0.flatten()[:1].sum() * 0  # K = 0: keep the graph (zero gradients)
     return out
 
 
