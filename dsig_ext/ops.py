@@ -41,7 +41,8 @@ def assign_fpn_levels(boxes: torch.Tensor, min_level: int, max_level: int,
     """0-based FPN level of each box [K, 4] (x1, y1, x2, y2), bitwise equal to detectron2's
     ``assign_boxes_to_levels``:
     ``clamp(floor(canonical_level + log2(sqrt(area) / canonical_box_size + 1e-8)),
-    min_level, max_level) - min_level`` -> int64 [K]."""
+    min_level, max_level) - min_level`` -> int64 [K], evaluated in float32 (detectron2's
+    ``Boxes`` hold float32)."""
     if not isinstance(boxes, torch.Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must be a [K, 4] tensor, got {getattr(boxes, 'shape', boxes)}")
     if resolve(backend) == "reference":

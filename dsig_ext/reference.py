@@ -14,7 +14,8 @@ def assign_fpn_levels(boxes: torch.Tensor, min_level: int, max_level: int,
                       canonical_box_size: float = 224.0, canonical_level: int = 4) -> torch.Tensor:
     """detectron2's ``assign_boxes_to_levels`` on concatenated boxes [K, 4]: the 0-based level
     ``clamp(floor(canonical_level + log2(sqrt(area) / canonical_box_size + 1e-8)),
-    min_level, max_level) - min_level``."""
+    min_level, max_level) - min_level``, evaluated in float32 as detectron2's ``Boxes`` are."""
+    boxes = boxes.detach().to(torch.float32)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     sizes = torch.sqrt(area)
     levels = torch.floor(canonical_level + torch.log2(sizes / canonical_box_size + 1e-8))
