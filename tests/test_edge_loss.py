@@ -1,0 +1,270 @@
+"""cosine_edges / edge_mse_loss against a numpy float64 reference and autograd of the naive
+per-graph formula: empty and single-node graphs, all-zero rows, dtypes, opcheck, compile."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import dsig_ext
+from conftest import DEVICES, requires_cuda
+
+EPS = 1e-12
+
+
+def np_normalize(x):
+    return x / np.maximum(np.sqrt((x * x).sum(1, keepdims=True)), EPS)
+
+
+def np_edge_loss(xs, xt, offsets):
+    """sum_g 0.5 * mean((E_t - E_s)^2), numpy float64 (empty graphs contribute 0)."""
+    loss = 0.0
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        if b == a:
+            continue
+        es = np_normalize(xs[a:b]) @ np_normalize(xs[a:b]).T
+        et = np_normalize(xt[a:b]) @ np_normalize(xt[a:b]).T
+        loss += 0.5 * np.mean((et - es) ** 2)
+    return loss
+
+
+def naive_torch_loss(xs, xt, offsets):
+    """The original DSIG per-image loop, differentiated by autograd."""
+    loss = xs.sum() * 0.0
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        if b == a:
+            continue
+        es = F.normalize(xs[a:b]) @ F.normalize(xs[a:b]).t()
+        et = F.normalize(xt[a:b]) @ F.normalize(xt[a:b]).t()
+        loss = loss + 0.5 * F.mse_loss(et, es)
+    return loss
+
+
+def make_graphs(sizes, dim, dtype=torch.float64, device="cpu", seed=0, zero_rows=(), relu=True):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    xs = torch.randn(n, dim, dtype=torch.float64, generator=g)
+    xt = torch.randn(n, dim, dtype=torch.float64, generator=g)
+    if relu:  # post-ReLU pooled features, as DSIG's nodes are
+        xs, xt = xs.abs(), xt.abs()
+    for r in zero_rows:
+        xs[r] = 0.0
+    offsets = dsig_ext.offsets_from_counts(sizes)
+    return xs.to(device=device, dtype=dtype), xt.to(device=device, dtype=dtype), offsets
+
+
+SIZES = [5, 0, 9, 1, 14]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_loss_equals_numpy_float64_reference(device):
+    xs, xt, offsets = make_graphs(SIZES, 37, device=device)
+    loss = dsig_ext.edge_mse_loss(xs, xt, offsets)
+    ref = np_edge_loss(xs.cpu().numpy(), xt.cpu().numpy(), offsets.tolist())
+    assert abs(loss.item() - ref) < 1e-13
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("zero_rows", [(), (3,), (14, 15)])
+def test_gradients_equal_autograd_of_naive_formula(device, zero_rows):
+    xs, xt, offsets = make_graphs(SIZES, 23, device=device, zero_rows=zero_rows)
+    a_s, a_t = xs.clone().requires_grad_(), xt.clone().requires_grad_()
+    b_s, b_t = xs.clone().requires_grad_(), xt.clone().requires_grad_()
+    fused = dsig_ext.edge_mse_loss(a_s, a_t, offsets)
+    naive = naive_torch_loss(b_s, b_t, offsets.tolist())
+    torch.testing.assert_close(fused, naive, atol=1e-13, rtol=0)
+    fused.backward()
+    naive.backward()
+    # rows of norm 0 get torch's u/eps gradient (~1e12 scale): compare relatively
+    torch.testing.assert_close(a_s.grad, b_s.grad, atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close(a_t.grad, b_t.grad, atol=1e-12, rtol=1e-9)
+
+
+def test_zero_dead_rows_gives_them_no_gradient():
+    xs, xt, offsets = make_graphs(SIZES, 11, zero_rows=(3,))
+    xs.requires_grad_()
+    loss = dsig_ext.edge_mse_loss(xs, xt, offsets, zero_dead_rows=True)
+    (grad,) = torch.autograd.grad(loss, xs)
+    assert not grad[3].any()
+    ref = dsig_ext.reference.edge_mse_loss(xs, xt, offsets, zero_dead_rows=True)
+    (grad_ref,) = torch.autograd.grad(ref, xs)
+    torch.testing.assert_close(grad, grad_ref, atol=1e-12, rtol=0)
+    (grad_default,) = torch.autograd.grad(dsig_ext.edge_mse_loss(xs, xt, offsets), xs)
+    assert grad_default[3].abs().max() > 1e6  # torch's normalize rule: u / eps
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_only_teacher_or_only_student_requires_grad(device):
+    xs, xt, offsets = make_graphs([4, 6], 9, device=device)
+    xt.requires_grad_()
+    (gt,) = torch.autograd.grad(dsig_ext.edge_mse_loss(xs, xt, offsets), xt)
+    xt2 = xt.detach().clone().requires_grad_()
+    (gt_ref,) = torch.autograd.grad(naive_torch_loss(xs, xt2, [0, 4, 10]), xt2)
+    torch.testing.assert_close(gt, gt_ref, atol=1e-13, rtol=0)
+    assert dsig_ext.edge_mse_loss(xs, xt.detach(), offsets).grad_fn is None
+
+
+@pytest.mark.parametrize("sizes", [[], [0], [0, 0], [1], [1, 1, 0], [2]])
+def test_degenerate_graphs(sizes):
+    xs, xt, offsets = make_graphs(sizes, 5)
+    xs.requires_grad_()
+    loss = dsig_ext.edge_mse_loss(xs, xt, offsets)
+    ref = naive_torch_loss(xs, xt, offsets.tolist())
+    torch.testing.assert_close(loss, ref.detach(), atol=1e-14, rtol=0)
+    if sum(sizes) and loss.requires_grad:
+        (g,) = torch.autograd.grad(loss, xs)
+        assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cosine_edges_blocks(device):
+    xs, _, offsets = make_graphs(SIZES, 13, device=device, zero_rows=(0,))
+    edges = dsig_ext.cosine_edges(xs, offsets)
+    assert edges.shape == (xs.shape[0], xs.shape[0])
+    o = offsets.tolist()
+    mask = torch.zeros_like(edges, dtype=torch.bool)
+    for a, b, block in zip(o[:-1], o[1:], dsig_ext.graph_blocks(edges, offsets)):
+        xn = F.normalize(xs[a:b])
+        torch.testing.assert_close(block, xn @ xn.t(), atol=1e-14, rtol=0)
+        mask[a:b, a:b] = True
+    assert not edges[~mask].any()
+    torch.testing.assert_close(edges, dsig_ext.reference.cosine_edges(xs, offsets), atol=1e-14,
+                               rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device):
+    xs, xt, offsets = make_graphs([3, 0, 4, 1], 6, device=device)
+    xs.requires_grad_()
+    xt.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: dsig_ext.edge_mse_loss(a, b, offsets), (xs, xt))
+    assert torch.autograd.gradcheck(lambda a: dsig_ext.cosine_edges(a, offsets), (xs,))
+
+
+def test_double_backward_raises():
+    xs, xt, offsets = make_graphs([3, 4], 6)
+    xs.requires_grad_()
+    (g,) = torch.autograd.grad(dsig_ext.edge_mse_loss(xs, xt, offsets), xs, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_inputs(device, dtype):
+    xs, xt, offsets = make_graphs([20, 7, 33], 300, device=device)
+    xs, xt = xs.to(dtype).requires_grad_(), xt.to(dtype)
+    loss = dsig_ext.edge_mse_loss(xs, xt, offsets)
+    assert loss.dtype == dtype
+    xs64 = xs.detach().double().requires_grad_()
+    ref = naive_torch_loss(xs64, xt.double(), offsets.tolist())
+    torch.testing.assert_close(loss.double(), ref.detach(), atol=1e-6, rtol=1e-3)
+    (g,) = torch.autograd.grad(loss, xs)
+    (g_ref,) = torch.autograd.grad(ref, xs64)
+    assert g.dtype == dtype
+    tol = 1e-2 if dtype != torch.float32 else 1e-5
+    torch.testing.assert_close(g.double(), g_ref, atol=tol * g_ref.abs().max().item(), rtol=tol)
+
+
+def test_noncontiguous_inputs():
+    xs, xt, offsets = make_graphs([6, 5], 16)
+    big_s = torch.stack([xs, -xs], dim=2)[:, :, 0]  # xs with column stride 2
+    assert not big_s.is_contiguous()
+    torch.testing.assert_close(dsig_ext.edge_mse_loss(big_s, xt.t().contiguous().t(), offsets),
+                               dsig_ext.edge_mse_loss(xs, xt, offsets), atol=1e-15, rtol=0)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(requires_grad, dtype):
+    xs, xt, offsets = make_graphs([3, 0, 5], 7, dtype=dtype)
+    xs.requires_grad_(requires_grad)
+    xt.requires_grad_(requires_grad)
+    torch.library.opcheck(torch.ops.dsig.cosine_edges.default, (xs, offsets, 1e-12, False))
+    torch.library.opcheck(torch.ops.dsig._edge_mse_loss_forward.default,
+                          (xs, xt, offsets, 1e-12, False, requires_grad, requires_grad))
+    factor = torch.randn(8, 8, dtype=dtype)
+    torch.library.opcheck(torch.ops.dsig._edge_factor_matmul.default,
+                          (torch.ones((), dtype=dtype), factor, xs.detach(), offsets))
+    torch.library.opcheck(torch.ops.dsig._cosine_edges_backward.default,
+                          (torch.randn(8, 8, dtype=dtype), xs.detach(),
+                           torch.randn(8, 8, dtype=dtype), offsets, 1e-12, False))
+
+
+def test_torch_compile_fullgraph():
+    xs, xt, offsets = make_graphs([4, 6], 12, dtype=torch.float32)
+    xs.requires_grad_()
+
+    def f(a, b, o):
+        return dsig_ext.edge_mse_loss(a, b, o) * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    a = compiled(xs, xt, offsets)
+    b = f(xs, xt, offsets)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(torch.autograd.grad(a, xs)[0], torch.autograd.grad(b, xs)[0])
+
+
+def test_reference_backend_matches():
+    xs, xt, offsets = make_graphs(SIZES, 19)
+    with dsig_ext.use_backend("reference"):
+        ref = dsig_ext.edge_mse_loss(xs, xt, offsets)
+    torch.testing.assert_close(dsig_ext.edge_mse_loss(xs, xt, offsets), ref, atol=1e-14, rtol=0)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sizes=st.lists(st.integers(0, 9), min_size=0, max_size=5), dim=st.integers(1, 20),
+       seed=st.integers(0, 2**31 - 1), zero_first=st.booleans(), relu=st.booleans())
+def test_property_matches_naive(sizes, dim, seed, zero_first, relu):
+    zero_rows = (0,) if zero_first and sum(sizes) else ()
+    xs, xt, offsets = make_graphs(sizes, dim, seed=seed, zero_rows=zero_rows, relu=relu)
+    a_s = xs.clone().requires_grad_()
+    b_s = xs.clone().requires_grad_()
+    fused = dsig_ext.edge_mse_loss(a_s, xt, offsets)
+    naive = naive_torch_loss(b_s, xt, offsets.tolist())
+    torch.testing.assert_close(fused, naive.detach(), atol=1e-12, rtol=1e-10)
+    if naive.requires_grad and sum(sizes):
+        (ga,) = torch.autograd.grad(fused, a_s)
+        (gb,) = torch.autograd.grad(naive, b_s)
+        torch.testing.assert_close(ga, gb, atol=1e-10, rtol=1e-8)
+    edges = dsig_ext.cosine_edges(xs, offsets)
+    torch.testing.assert_close(edges, dsig_ext.reference.cosine_edges(xs, offsets), atol=1e-13,
+                               rtol=0)
+
+
+# --- malformed input ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("offsets, match", [
+    ([0, 5, 3, 10], "non-decreasing"),
+    ([0, 4, 9], "must end at N = 10"),
+    ([1, 4, 10], "must start at 0"),
+    ([0, 4, 12], "must end at N = 10"),
+])
+def test_bad_offsets(offsets, match):
+    xs, xt, _ = make_graphs([4, 6], 5)
+    with pytest.raises(RuntimeError, match=match):
+        dsig_ext.edge_mse_loss(xs, xt, torch.tensor(offsets))
+    with pytest.raises(RuntimeError, match=match):
+        dsig_ext.cosine_edges(xs, torch.tensor(offsets))
+
+
+def test_other_malformed_inputs():
+    xs, xt, offsets = make_graphs([4, 6], 5)
+    with pytest.raises(RuntimeError, match="same shape"):
+        dsig_ext.edge_mse_loss(xs, xt[:, :3], offsets)
+    with pytest.raises(RuntimeError, match=r"must be \[N, D\]"):
+        dsig_ext.edge_mse_loss(xs[None], xt[None], offsets)
+    with pytest.raises(RuntimeError, match="offsets must be int64"):
+        dsig_ext.edge_mse_loss(xs, xt, offsets.float())
+    with pytest.raises(RuntimeError, match=r"1-D tensor \[G \+ 1\]"):
+        dsig_ext.edge_mse_loss(xs, xt, torch.zeros((), dtype=torch.long))
+    with pytest.raises(RuntimeError, match="must be floating"):
+        dsig_ext.cosine_edges(xs.long(), offsets)
+
+
+@requires_cuda
+def test_device_mix_raises():
+    xs, xt, offsets = make_graphs([4, 6], 5)
+    with pytest.raises(RuntimeError, match="teacher is on"):
+        dsig_ext.edge_mse_loss(xs.cuda(), xt, offsets)
