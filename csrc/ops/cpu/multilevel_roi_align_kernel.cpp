@@ -1,8 +1,11 @@
 // CPU kernels of multi-level RoIAlign.
 // Forward: parallel over RoIs; per RoI the separable sampling taps are built once and reused
 // for every channel. Backward: parallel over channels, each thread owning its channel of every
-// level, visiting RoIs in order and adding each RoI's footprint gradient Wy^T (G/count) Wx:
-// deterministic for any thread count, no atomics.
+// level and visiting the RoIs in order, so both modes are deterministic for any thread count:
+//   default        scatter of each sample's four taps in torchvision's order (for float32 and
+//                  float64 bitwise equal to detectron2's per-level ROIPooler backward);
+//   deterministic  each RoI's footprint gradient Wy^T (G/count) Wx as a gather: the algorithm of
+//                  the CUDA deterministic kernel, run here so the CPU tests cover it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -28,6 +31,16 @@ RoiGeometry<acc_t> geometry_of(const acc_t* roi, const std::vector<double>& scal
                                      aligned);
 }
 
+// Taps of every sample along one axis, [pooled][grid].
+template <typename acc_t>
+void axis_taps(acc_t start, acc_t bin, int64_t pooled, int grid, int size,
+               std::vector<AxisTap<acc_t>>& taps) {
+  taps.resize(pooled * grid);
+  for (int p = 0; p < pooled; ++p)
+    for (int i = 0; i < grid; ++i)
+      taps[p * grid + i] = detail::axis_tap(detail::sample_coord(start, bin, p, i, grid), size);
+}
+
 template <typename scalar_t, typename acc_t>
 void forward_impl(const std::vector<at::Tensor>& feats, const at::Tensor& rois,
                   const at::Tensor& levels, const std::vector<double>& scales, int64_t ph,
@@ -45,16 +58,8 @@ void forward_impl(const std::vector<at::Tensor>& feats, const at::Tensor& rois,
       const int H = static_cast<int>(f.size(2)), W = static_cast<int>(f.size(3));
       const RoiGeometry<acc_t> g =
           geometry_of(roi, scales, lvl[k], ph, pw, sampling_ratio, aligned);
-      ytaps.resize(ph * g.grid_h);
-      xtaps.resize(pw * g.grid_w);
-      for (int p = 0; p < ph; ++p)
-        for (int i = 0; i < g.grid_h; ++i)
-          ytaps[p * g.grid_h + i] =
-              detail::axis_tap(detail::sample_coord(g.start_h, g.bin_h, p, i, g.grid_h), H);
-      for (int p = 0; p < pw; ++p)
-        for (int i = 0; i < g.grid_w; ++i)
-          xtaps[p * g.grid_w + i] =
-              detail::axis_tap(detail::sample_coord(g.start_w, g.bin_w, p, i, g.grid_w), W);
+      axis_taps(g.start_h, g.bin_h, ph, g.grid_h, H, ytaps);
+      axis_taps(g.start_w, g.bin_w, pw, g.grid_w, W, xtaps);
       const int64_t b = static_cast<int64_t>(roi[0]);
       const scalar_t* base = f.data_ptr<scalar_t>() + b * f.stride(0);
       const int64_t sc = f.stride(1), sh = f.stride(2), sw = f.stride(3);
@@ -115,11 +120,76 @@ Footprint<acc_t> footprint_of(const RoiGeometry<acc_t>& g, int H, int W, int64_t
   return fp;
 }
 
+template <typename acc_t>
+struct RoiTaps {
+  acc_t count = acc_t(1);
+  std::vector<AxisTap<acc_t>> y, x;
+};
+
 template <typename scalar_t, typename acc_t>
-void backward_impl(const at::Tensor& grad, const at::Tensor& rois, const at::Tensor& levels,
-                   const std::vector<double>& scales, int64_t C, at::IntArrayRef heights,
-                   at::IntArrayRef widths, int64_t sampling_ratio, bool aligned,
-                   std::vector<at::Tensor>& acc_grads) {
+void backward_scatter_impl(const at::Tensor& grad, const at::Tensor& rois,
+                           const at::Tensor& levels, const std::vector<double>& scales,
+                           int64_t C, at::IntArrayRef heights, at::IntArrayRef widths,
+                           int64_t sampling_ratio, bool aligned,
+                           std::vector<at::Tensor>& acc_grads) {
+  const int64_t K = rois.size(0);
+  const int64_t ph = grad.size(2), pw = grad.size(3);
+  const acc_t* roi_data = rois.data_ptr<acc_t>();
+  const int64_t* lvl = levels.data_ptr<int64_t>();
+  std::vector<RoiTaps<acc_t>> taps(K);
+  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const RoiGeometry<acc_t> g =
+          geometry_of(roi_data + 5 * k, scales, lvl[k], ph, pw, sampling_ratio, aligned);
+      taps[k].count = g.count;
+      axis_taps(g.start_h, g.bin_h, ph, g.grid_h, static_cast<int>(heights[lvl[k]]), taps[k].y);
+      axis_taps(g.start_w, g.bin_w, pw, g.grid_w, static_cast<int>(widths[lvl[k]]), taps[k].x);
+    }
+  });
+  const scalar_t* gdata = grad.data_ptr<scalar_t>();
+  const int64_t g0 = grad.stride(0), g1 = grad.stride(1), g2 = grad.stride(2),
+                g3 = grad.stride(3);
+  at::parallel_for(0, C, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      for (int64_t k = 0; k < K; ++k) {
+        const RoiTaps<acc_t>& t = taps[k];
+        const int64_t grid_h = static_cast<int64_t>(t.y.size()) / ph;
+        const int64_t grid_w = static_cast<int64_t>(t.x.size()) / pw;
+        const int64_t W = widths[lvl[k]];
+        const int64_t b = static_cast<int64_t>(roi_data[5 * k]);
+        acc_t* plane = acc_grads[lvl[k]].data_ptr<acc_t>() + (b * C + c) * heights[lvl[k]] * W;
+        for (int64_t p = 0; p < ph; ++p) {
+          for (int64_t q = 0; q < pw; ++q) {
+            const acc_t gv = static_cast<acc_t>(gdata[k * g0 + c * g1 + p * g2 + q * g3]);
+            if (gv == acc_t(0)) continue;
+            for (int64_t iy = 0; iy < grid_h; ++iy) {
+              const AxisTap<acc_t>& ty = t.y[p * grid_h + iy];
+              if (!ty.valid) continue;
+              acc_t* row_lo = plane + ty.lo * W;
+              acc_t* row_hi = plane + ty.hi * W;
+              for (int64_t ix = 0; ix < grid_w; ++ix) {
+                const AxisTap<acc_t>& tx = t.x[q * grid_w + ix];
+                if (!tx.valid) continue;
+                // torchvision's order and rounding: g * w / count, taps (lo,lo) .. (hi,hi)
+                row_lo[tx.lo] += gv * (ty.w_lo * tx.w_lo) / t.count;
+                row_lo[tx.hi] += gv * (ty.w_lo * tx.w_hi) / t.count;
+                row_hi[tx.lo] += gv * (ty.w_hi * tx.w_lo) / t.count;
+                row_hi[tx.hi] += gv * (ty.w_hi * tx.w_hi) / t.count;
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_gather_impl(const at::Tensor& grad, const at::Tensor& rois,
+                          const at::Tensor& levels, const std::vector<double>& scales,
+                          int64_t C, at::IntArrayRef heights, at::IntArrayRef widths,
+                          int64_t sampling_ratio, bool aligned,
+                          std::vector<at::Tensor>& acc_grads) {
   const int64_t K = rois.size(0);
   const int64_t ph = grad.size(2), pw = grad.size(3);
   const acc_t* roi_data = rois.data_ptr<acc_t>();
@@ -204,7 +274,7 @@ std::vector<at::Tensor> multilevel_roi_align_backward_cpu(
     const at::Tensor& grad, const at::Tensor& rois, const at::Tensor& levels,
     at::ArrayRef<double> spatial_scales, int64_t batch_size, int64_t channels,
     at::IntArrayRef heights, at::IntArrayRef widths, int64_t sampling_ratio, bool aligned,
-    bool /*deterministic: the CPU backward always is*/) {
+    bool deterministic) {
   check_multilevel_roi_align_backward_args(grad, rois, levels, spatial_scales, batch_size,
                                            channels, heights, widths);
   const auto acc = accumulate_type(grad.scalar_type());
@@ -221,8 +291,14 @@ std::vector<at::Tensor> multilevel_roi_align_backward_cpu(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
                                     "multilevel_roi_align_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      backward_impl<scalar_t, acc_t>(grad, rois_acc, levels64, scales, channels, heights,
-                                     widths, sampling_ratio, aligned, acc_grads);
+      if (deterministic)
+        backward_gather_impl<scalar_t, acc_t>(grad, rois_acc, levels64, scales, channels,
+                                              heights, widths, sampling_ratio, aligned,
+                                              acc_grads);
+      else
+        backward_scatter_impl<scalar_t, acc_t>(grad, rois_acc, levels64, scales, channels,
+                                               heights, widths, sampling_ratio, aligned,
+                                               acc_grads);
     });
   }
   if (acc != grad.scalar_type())
