@@ -227,7 +227,10 @@ def test_property_matches_naive(sizes, dim, seed, zero_first, relu):
     if naive.requires_grad and sum(sizes):
         (ga,) = torch.autograd.grad(fused, a_s)
         (gb,) = torch.autograd.grad(naive, b_s)
-        torch.testing.assert_close(ga, gb, atol=1e-10, rtol=1e-8)
+        live = xs.norm(dim=1) >= EPS
+        torch.testing.assert_close(ga[live], gb[live], atol=1e-10, rtol=1e-8)
+        # a zero row's gradient is (1/eps) * sum_j S_ij x_j / r_j: rounding noise times 1e12
+        torch.testing.assert_close(ga[~live], gb[~live], atol=1e-3, rtol=1e-6)
     edges = dsig_ext.cosine_edges(xs, offsets)
     torch.testing.assert_close(edges, dsig_ext.reference.cosine_edges(xs, offsets), atol=1e-13,
                                rtol=0)
