@@ -88,8 +88,10 @@ def multilevel_roi_align(features: Sequence[torch.Tensor],
         output_size: int or (oh, ow).
         sampling_ratio: samples per bin axis; 0 = adaptive ceil(roi_size / output_size).
         aligned: half-pixel offset (detectron2 "ROIAlignV2"); False = legacy "ROIAlign".
-        deterministic: backward without atomics; default
-            ``torch.are_deterministic_algorithms_enabled()``.
+        deterministic: bitwise reproducible backward; default
+            ``torch.are_deterministic_algorithms_enabled()``. On CUDA it replaces the atomic
+            scatter by an owner-computes gather; on the CPU (reproducible either way) it
+            follows torchvision's summation order, bitwise equal to detectron2's ROIPooler.
         check_inputs: verify finite boxes and index ranges (costs one host sync on GPU).
     Returns:
         [K, C, oh, ow], identical to ``torchvision.ops.roi_align`` of each RoI on its level.

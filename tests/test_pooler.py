@@ -25,8 +25,8 @@ def test_same_as_roipooler(scales, output_size):
     torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
     ga = torch.autograd.grad(a.square().sum(), feats)
     gb = torch.autograd.grad(b.square().sum(), feats)
-    for x, y in zip(gb, ga):
-        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+    for x, y in zip(gb, ga):  # gradients here reach ~1e2: fp32 rounding is relative
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-6)
 
 
 def test_no_parameters_and_plain_tensor_boxes():

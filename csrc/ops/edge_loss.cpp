@@ -54,8 +54,21 @@ at::Tensor block_gram(const at::Tensor& x_acc, const GraphLayout& layout) {
     const int64_t a = o[g], n = o[g + 1] - o[g];
     if (n == 0) continue;
     const at::Tensor xg = x_acc.narrow(0, a, n);
-    at::Tensor block = gram.narrow(0, a, n).narrow(1, a, n);
-    block.copy_(at::mm(xg, xg.t()));
+    if (n < 64) {
+      at::Tensor block = gram.narrow(0, a, n).narrow(1, a, n);
+      at::mm_out(block, xg, xg.t());
+      continue;
+    }
+    // symmetric: [[P P^T, P Q^T], [(P Q^T)^T, Q Q^T]] costs 3/4 of one full product
+    const int64_t h = n / 2;
+    const at::Tensor p = xg.narrow(0, 0, h), q = xg.narrow(0, h, n - h);
+    at::Tensor top = gram.narrow(0, a, h), bottom = gram.narrow(0, a + h, n - h);
+    at::Tensor pp = top.narrow(1, a, h), pq = top.narrow(1, a + h, n - h);
+    at::Tensor qq = bottom.narrow(1, a + h, n - h);
+    at::mm_out(pp, p, p.t());
+    at::mm_out(pq, p, q.t());
+    at::mm_out(qq, q, q.t());
+    bottom.narrow(1, a, h).copy_(pq.t());
   }
   return gram;
 }
