@@ -26,7 +26,7 @@ def test_same_as_roipooler(scales, output_size):
     ga = torch.autograd.grad(a.square().sum(), feats)
     gb = torch.autograd.grad(b.square().sum(), feats)
     for x, y in zip(gb, ga):  # gradients here reach ~1e2: fp32 rounding is relative
-        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
 def test_no_parameters_and_plain_tensor_boxes():
