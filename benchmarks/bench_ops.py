@@ -7,7 +7,7 @@ dsig_ext.MultiLevelRoIAlign (default and deterministic backward).
 Edge loss: graphs of N ~ 140 and 300 nodes, D = 12544, one graph per image; the original DSIG
 per-graph loop vs dsig_ext.edge_mse_loss.
 
-Writes bench_ops.json and bench_ops.md (machine and versions stamped) to --out.
+Writes bench_ops_<device>.{json,md,png} (machine and versions stamped) to --out.
 Usage: python benchmarks/bench_ops.py [--device cpu|cuda] [--batch B] [--repeat R] [--out DIR]
 """
 import argparse
@@ -166,6 +166,36 @@ def markdown(result):
     return "\n".join(lines) + "\n"
 
 
+def plot(result, path):
+    """Bar chart of forward+backward time per workload and implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {}
+    for r in result["rows"]:
+        key = (f"RoIAlign {r['rois_per_image']} RoIs/img" if r["op"] == "multilevel_roi_align"
+               else f"edge loss N={r['nodes']}")
+        groups.setdefault(key, []).append(r)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 4))
+    for ax, (title, rows) in zip(axes, groups.items()):
+        names = [r["impl"].replace(" (", "\n(") for r in rows]
+        values = [r["forward_backward_ms"] for r in rows]
+        bars = ax.bar(range(len(rows)), values, color=["#999999"] + ["#1f77b4"] * (len(rows) - 1))
+        for bar, r in zip(bars, rows):
+            ax.annotate(f"{r['speedup_forward_backward']:.1f}x",
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(rows)), names, fontsize=7, rotation=15)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("forward+backward ms")
+    fig.suptitle(f"dsig_ext ops, {result['machine']}, torch {result['torch']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -200,6 +230,7 @@ def main():
     md = markdown(result)
     with open(os.path.join(args.out, f"bench_ops_{tag}.md"), "w") as f:
         f.write(md)
+    plot(result, os.path.join(args.out, f"bench_ops_{tag}.png"))
     print(md)
 
 

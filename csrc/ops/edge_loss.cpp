@@ -76,15 +76,17 @@ at::Tensor block_gram(const at::Tensor& x_acc, const GraphLayout& layout) {
 at::Tensor block_factor_matmul(const at::Tensor& factor, const at::Tensor& x_acc,
                                const GraphLayout& layout, const at::Tensor& scale,
                                at::ScalarType dtype) {
-  at::Tensor dx = at::zeros_like(x_acc, at::MemoryFormat::Contiguous);
+  // every row belongs to a graph, so every row of dx is written
+  at::Tensor dx = at::empty_like(x_acc, at::MemoryFormat::Contiguous);
+  const at::Tensor s = scale.to(x_acc.scalar_type());
   const auto& o = layout.offsets;
   for (size_t g = 0; g + 1 < o.size(); ++g) {
     const int64_t a = o[g], n = o[g + 1] - o[g];
     if (n == 0) continue;
     at::Tensor out = dx.narrow(0, a, n);
-    at::mm_out(out, factor.narrow(0, a, n).narrow(1, a, n), x_acc.narrow(0, a, n));
+    // scale the n x n factor, not the n x D product
+    at::mm_out(out, factor.narrow(0, a, n).narrow(1, a, n) * s, x_acc.narrow(0, a, n));
   }
-  dx.mul_(scale.to(dx.scalar_type()));
   return dx.to(dtype);
 }
 
