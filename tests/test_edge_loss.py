@@ -182,6 +182,7 @@ def test_opcheck(requires_grad, dtype):
     xs.requires_grad_(requires_grad)
     xt.requires_grad_(requires_grad)
     torch.library.opcheck(torch.ops.dsig.cosine_edges.default, (xs, offsets, 1e-12, False))
+    torch.library.opcheck(torch.ops.dsig.edge_mse_loss.default, (xs, xt, offsets, 1e-12, False))
     torch.library.opcheck(torch.ops.dsig._edge_mse_loss_forward.default,
                           (xs, xt, offsets, 1e-12, False, requires_grad, requires_grad))
     factor = torch.randn(8, 8, dtype=dtype)

@@ -110,7 +110,8 @@ void check_roi_values_cpu(const at::Tensor& rois, const at::Tensor& levels, int6
                   "multilevel_roi_align: box ", k, " has batch index ", bi,
                   ", expected an integer in [0, ", num_images, ")");
       TORCH_CHECK(lv[k] >= 0 && lv[k] < num_levels, "multilevel_roi_align: box ", k,
-                  " is assigned level ", lv[k], ", expected a level in [0, ", num_levels, ")");
+                  " is assigned level ", lv[k], ", expected a level in [0, ", num_levels,
+                  ") (assign_fpn_levels gives no valid level to a box of negative area)");
     }
   });
 }

@@ -140,7 +140,7 @@ __global__ void backward_deterministic_kernel(GradTable<acc_t> gt, const T* __re
                                               const int64_t* __restrict__ levels, int64_t K,
                                               int64_t C, int64_t num_images, int ph, int pw,
                                               int sampling_ratio, bool aligned) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* wy = reinterpret_cast<acc_t*>(smem_raw);  // [ph][kTile]
   acc_t* wx = wy + ph * kTile;                     // [pw][kTile]
   acc_t* t1 = wx + pw * kTile;                     // [ph][kTile]
