@@ -1,0 +1,13 @@
+"""DSIG distillation for detectron2: config, meta-architectures, losses, backbones, checkpoints."""
+from .config import add_distillation_config
+from . import backbones  # noqa: F401  (registers the MobileNetV2 / EfficientNet-B0 backbones)
+from .checkpoint import DistillationCheckpointer, export_student, load_teacher_weights
+from .meta_arch import DistillationRCNN
+
+__all__ = [
+    "DistillationCheckpointer",
+    "DistillationRCNN",
+    "add_distillation_config",
+    "export_student",
+    "load_teacher_weights",
+]

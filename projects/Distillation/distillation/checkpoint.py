@@ -1,0 +1,194 @@
+"""Loading weights safely and strictly; the distillation checkpointer; student export.
+
+Checkpoints of this project hold ``student.*`` and ``teacher.*`` keys. Also accepted as
+MODEL.WEIGHTS:
+- a student initialisation (keys without prefix, e.g. ``backbone.bottom_up.*``): goes to the student;
+- the original DSIG repository's merged "Student-Teacher" file (one flat dict: ``teacher.*`` = a full
+  detector, ``backbone.bottom_up.*`` = the student's ImageNet backbone).
+Teacher weights must match the teacher exactly; anything else is an error listing the keys.
+Files are read without executing pickled code: ``torch.load(weights_only=True)`` for .pth and a
+restricted unpickler (numpy arrays and plain containers only) for .pkl.
+"""
+import logging
+import os
+import pickle
+from collections import OrderedDict
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.file_io import PathManager
+
+logger = logging.getLogger(__name__)
+
+# Buffers that checkpoints may carry or lack without consequence (rebuilt from the config).
+_BENIGN = ("pixel_mean", "pixel_std", "anchor_generator.cell_anchors")
+
+_PICKLE_ALLOWED = {
+    ("collections", "OrderedDict"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "slice"),
+}
+
+
+class _TensorOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _PICKLE_ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refusing to load '{module}.{name}' from a checkpoint: only arrays and plain "
+            "containers are allowed (the file may execute code)")
+
+
+def load_pickle_safely(path: str):
+    with PathManager.open(path, "rb") as f:
+        return _TensorOnlyUnpickler(f, encoding="latin1").load()
+
+
+class SafeDetectionCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer that never executes pickled code."""
+
+    def _load_file(self, filename):
+        if filename.endswith(".pkl"):
+            data = load_pickle_safely(filename)
+            if "model" in data and "__author__" in data:
+                return data
+            if "blobs" in data:  # Caffe2 / Detectron1 detection models
+                data = data["blobs"]
+            data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+            return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+        with PathManager.open(filename, "rb") as f:
+            loaded = torch.load(f, map_location="cpu", weights_only=True)
+        if "model" not in loaded:
+            loaded = {"model": loaded}
+        return loaded
+
+
+def _shape(v):
+    return tuple(v.shape) if hasattr(v, "shape") else ()
+
+
+def _is_benign(key: str) -> bool:
+    return any(b in key for b in _BENIGN)
+
+
+def mismatched_keys(model_state: Dict[str, torch.Tensor], weights: Dict[str, object]):
+    """(missing, unexpected, wrong-shaped) keys of ``weights`` against ``model_state``,
+    ignoring buffers that are rebuilt from the config."""
+    missing = sorted(k for k in model_state if k not in weights and not _is_benign(k))
+    unexpected = sorted(k for k in weights if k not in model_state and not _is_benign(k))
+    wrong = sorted((k, _shape(weights[k]), tuple(model_state[k].shape)) for k in model_state
+                   if k in weights and _shape(weights[k]) != tuple(model_state[k].shape))
+    return missing, unexpected, wrong
+
+
+class TeacherWeightsError(RuntimeError):
+    pass
+
+
+def _raise_mismatch(source: str, missing, unexpected, wrong):
+    def listing(keys, limit=20):
+        keys = list(keys)
+        more = f"\n    ... and {len(keys) - limit} more" if len(keys) > limit else ""
+        return "\n".join(f"    {k}" for k in keys[:limit]) + more
+
+    parts = [f"teacher weights from {source} do not match the teacher's architecture "
+             "(a partially loaded teacher would be silently random):"]
+    if missing:
+        parts.append(f"  missing in the weights ({len(missing)}):\n{listing(missing)}")
+    if unexpected:
+        parts.append(f"  unexpected in the weights ({len(unexpected)}):\n{listing(unexpected)}")
+    if wrong:
+        parts.append(f"  wrong shape ({len(wrong)}, weights vs model):\n"
+                     + listing(f"{k}: {a} vs {b}" for k, a, b in wrong))
+    parts.append("  Check DISTILL.TEACHER.CONFIG against the weights (depth, classes, heads).")
+    raise TeacherWeightsError("\n".join(parts))
+
+
+def load_teacher_weights(teacher: torch.nn.Module, path: str) -> None:
+    """Load a detectron2 checkpoint (.pkl model-zoo or .pth) into the teacher, strictly."""
+    checkpointer = SafeDetectionCheckpointer(teacher)
+    checkpoint = checkpointer._load_file(PathManager.get_local_path(path))
+    weights = checkpoint["model"]
+    if checkpoint.get("matching_heuristics", False):
+        raise TeacherWeightsError(
+            f"{path} is not a detectron2 detector checkpoint (no 'model' and '__author__'); a "
+            "teacher must be loaded by exact names")
+    weights = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v
+               for k, v in weights.items()}
+    missing, unexpected, wrong = mismatched_keys(teacher.state_dict(), weights)
+    if missing or unexpected or wrong:
+        _raise_mismatch(path, missing, unexpected, wrong)
+    checkpointer._load_model({"model": weights})
+    logger.info("Loaded teacher weights from %s", path)
+
+
+def split_distillation_state(weights: Dict[str, object]) -> Tuple[Dict, Dict, bool]:
+    """Map a checkpoint onto (student, teacher) state dicts. Keys ``student.*`` / ``teacher.*``
+    keep their side; any other key is a student key (student initialisation files and the
+    original merged Student-Teacher format). Returns (student, teacher, had_prefixes)."""
+    student, teacher = OrderedDict(), OrderedDict()
+    for k, v in weights.items():
+        if k.startswith("teacher."):
+            teacher[k[len("teacher."):]] = v
+        elif k.startswith("student."):
+            student[k[len("student."):]] = v
+        else:
+            student[k] = v
+    return student, teacher, any(k.startswith("student.") for k in weights)
+
+
+class DistillationCheckpointer(SafeDetectionCheckpointer):
+    """Checkpointer of the distillation wrapper (``model.student`` / ``model.teacher``).
+
+    Student weights load as detectron2 loads any init file (by name, non-strict, c2 heuristics for
+    .pkl); teacher weights present in the file must match the teacher exactly."""
+
+    def _load_model(self, checkpoint):
+        model = self.model.module if hasattr(self.model, "module") else self.model
+        if checkpoint.get("matching_heuristics", False):  # an ImageNet/C2 student init file
+            student_ckpt = SafeDetectionCheckpointer(model.student)
+            return student_ckpt._load_model(checkpoint)
+        weights = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v
+                   for k, v in checkpoint["model"].items()}
+        student, teacher, _ = split_distillation_state(weights)
+        if teacher:
+            missing, unexpected, wrong = mismatched_keys(model.teacher.state_dict(), teacher)
+            if missing or unexpected or wrong:
+                _raise_mismatch("MODEL.WEIGHTS (teacher.* keys)", missing, unexpected, wrong)
+        merged = OrderedDict([("student." + k, v) for k, v in student.items()])
+        merged.update(("teacher." + k, v) for k, v in teacher.items())
+        checkpoint["model"] = merged
+        return super()._load_model(checkpoint)
+
+
+def student_state_dict(weights: Dict[str, object]) -> "OrderedDict[str, object]":
+    """The student alone, with stock detectron2 names, from a distillation checkpoint."""
+    student, _, had_prefixes = split_distillation_state(weights)
+    if not had_prefixes:
+        raise ValueError("not a distillation checkpoint: it has no 'student.' keys")
+    return student
+
+
+def export_student(checkpoint_path: str, output_path: str) -> List[str]:
+    """Write the student of a distillation checkpoint as a stock detectron2 checkpoint
+    ({"model": state_dict}) loadable by DetectionCheckpointer into a GeneralizedRCNN / RetinaNet
+    built from the student's config. Returns the exported keys."""
+    with PathManager.open(checkpoint_path, "rb") as f:
+        data = torch.load(f, map_location="cpu", weights_only=True)
+    weights = data.get("model", data)
+    student = student_state_dict(weights)
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+    with PathManager.open(output_path, "wb") as f:
+        torch.save({"model": student, "__source__": os.path.basename(checkpoint_path)}, f)
+    return list(student)
+
+

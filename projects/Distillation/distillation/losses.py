@@ -1,0 +1,129 @@
+"""The DSIG loss terms. Each takes tensors, returns a scalar, and states its formula.
+
+Notation: per image b, F^s_b / F^t_b are the student / teacher pooled features of its sampled
+foreground RoIs (n_fg,b rows of D = 256*7*7), G^s_b / G^t_b those of its sampled background RoIs
+(n_bg,b rows); c is the image reduction factor (1 for "sum", REFERENCE_IMAGES / B for "mean").
+"""
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import dsig_ext
+
+
+def image_reduction_factor(num_images: int, mode: str, reference_images: int) -> float:
+    """c = 1 ("sum", the original: a sum over the images of one GPU) or
+    reference_images / num_images ("mean": the same value at reference_images per GPU, and
+    independent of how many images each GPU holds)."""
+    if mode == "sum":
+        return 1.0
+    if mode == "mean":
+        return float(reference_images) / max(num_images, 1)
+    raise ValueError(f"DISTILL.IMAGE_REDUCTION must be 'sum' or 'mean', got {mode!r}")
+
+
+def per_image_mse(student: torch.Tensor, teacher: torch.Tensor,
+                  counts: Sequence[int]) -> torch.Tensor:
+    """[B] vector: mean((S_b - T_b)^2) over the n_b rows x D elements of each image; 0 where
+    n_b = 0 (still connected to the graph)."""
+    sq = (student - teacher.detach()).pow(2).flatten(1).mean(dim=1)  # per row
+    out = []
+    start = 0
+    for n in counts:
+        rows = sq[start:start + n]
+        out.append(rows.mean() if n > 0 else sq.sum() * 0.0)
+        start += n
+    return torch.stack(out) if out else sq.sum() * 0.0
+
+
+def fg_node_loss(s_fg: torch.Tensor, t_fg: torch.Tensor, n_fg: Sequence[int], weight: float,
+                 c: float) -> torch.Tensor:
+    """L_fg = w_fg * c * sum_b ||F^s_b - F^t_b||^2 / (n_fg,b * D)."""
+    return weight * c * per_image_mse(s_fg, t_fg, n_fg).sum()
+
+
+def adaptive_bg_weights(n_fg: Sequence[int], n_bg: Sequence[int], alpha: float) -> List[float]:
+    """Per image alpha * n_fg,b / n_bg,b (sampled counts, before mining); 0 without bg RoIs."""
+    return [alpha * f / b if b > 0 else 0.0 for f, b in zip(n_fg, n_bg)]
+
+
+def bg_node_loss(s_bg: torch.Tensor, t_bg: torch.Tensor, n_bg: Sequence[int],
+                 image_weights: Sequence[float], weight: float, c: float) -> torch.Tensor:
+    """L_bg = w_bg * c * sum_b a_b * ||G^s_b - G^t_b||^2 / (n_bg,b * D), with a_b the adaptive
+    weight alpha * n_fg,b / n_bg,b (or 1)."""
+    per_image = per_image_mse(s_bg, t_bg, n_bg)
+    a = torch.as_tensor(list(image_weights), dtype=per_image.dtype, device=per_image.device)
+    return weight * c * (a * per_image).sum()
+
+
+def mine_background(teacher_bg_logits: torch.Tensor, background_label: int, threshold: float,
+                    n_bg: Sequence[int], max_per_image: int = 0) -> torch.Tensor:
+    """Bool mask over the bg RoIs: CE(teacher logits, background) >= threshold, i.e. the teacher's
+    p(bg) <= exp(-threshold): the backgrounds the teacher finds confusing. With max_per_image > 0
+    only the hardest that many per image are kept."""
+    if teacher_bg_logits.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.bool, device=teacher_bg_logits.device)
+    labels = torch.full((teacher_bg_logits.shape[0],), background_label, dtype=torch.long,
+                        device=teacher_bg_logits.device)
+    ce = F.cross_entropy(teacher_bg_logits.float(), labels, reduction="none")
+    mask = ce >= threshold
+    if max_per_image > 0:
+        start = 0
+        for n in n_bg:
+            seg_ce, seg_mask = ce[start:start + n], mask[start:start + n]
+            if int(seg_mask.sum()) > max_per_image:
+                keep = torch.topk(torch.where(seg_mask, seg_ce, seg_ce.new_tensor(-1.0)),
+                                  max_per_image).indices
+                seg_mask.zero_()
+                seg_mask[keep] = True
+            start += n
+    return mask
+
+
+def edge_loss(s_nodes: torch.Tensor, t_nodes: torch.Tensor, counts: Sequence[int], weight: float,
+              c: float, backend: str = "fused", zero_dead_rows: bool = False) -> torch.Tensor:
+    """L_edge = w_edge * c * sum_b 0.5 * mean((A^t_b - A^s_b)^2), A_b = cosine Gram of the
+    image's nodes [fg ; mined bg] (diagonal included). One dsig_ext.edge_mse_loss call."""
+    offsets = dsig_ext.offsets_from_counts(list(counts))
+    loss = dsig_ext.edge_mse_loss(s_nodes, t_nodes.detach(), offsets,
+                                  zero_dead_rows=zero_dead_rows, backend=backend)
+    return weight * c * loss
+
+
+def feature_map_loss(s_features: Dict[str, torch.Tensor], t_features: Dict[str, torch.Tensor],
+                     levels: Sequence[str], weight: float) -> torch.Tensor:
+    """L_feat = w_feat * sum_l mean_{n,c,h,w} (P^s_l - P^t_l)^2 over the listed FPN levels."""
+    return weight * sum(F.mse_loss(s_features[l], t_features[l].detach()) for l in levels)
+
+
+def roi_cls_kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float,
+                    weight: float) -> torch.Tensor:
+    """L_cls = w_cls * T^2 * (1 / (R (K+1))) * sum_r sum_k p^t_rk (log p^t_rk - log p^s_rk),
+    p = softmax(z / T) over the K+1 classes of each of the R sampled RoIs (a mean over
+    elements, as the original's kl_div(reduction='mean'))."""
+    if s_logits.shape[0] == 0:
+        return s_logits.sum() * 0.0
+    log_p_s = F.log_softmax(s_logits / temperature, dim=1)
+    p_t = F.softmax(t_logits.detach() / temperature, dim=1)
+    kl = F.kl_div(log_p_s, p_t, reduction="sum") / log_p_s.numel()  # mean over R (K+1)
+    return weight * temperature ** 2 * kl
+
+
+def roi_reg_kd_loss(s_deltas: torch.Tensor, t_deltas: torch.Tensor, gt_classes: torch.Tensor,
+                    num_classes: int, weight: float) -> torch.Tensor:
+    """L_reg = w_reg * (1 / R) * sum_{r in fg} sum_j |d^s_{r, c_r, j} - d^t_{r, c_r, j}| on the
+    deltas of each fg RoI's GT class c_r (class-agnostic boxes: the single set of deltas)."""
+    R = s_deltas.shape[0]
+    fg = (gt_classes >= 0) & (gt_classes < num_classes)
+    if R == 0 or not bool(fg.any()):
+        return s_deltas.sum() * 0.0
+    idx = fg.nonzero(as_tuple=True)[0]
+    box_dim = 4
+    if s_deltas.shape[1] == box_dim:  # class-agnostic regression
+        s_sel, t_sel = s_deltas[idx], t_deltas[idx]
+    else:
+        cols = gt_classes[idx, None] * box_dim + torch.arange(box_dim, device=s_deltas.device)
+        s_sel = s_deltas[idx[:, None], cols]
+        t_sel = t_deltas[idx[:, None], cols]
+    return weight * (s_sel - t_sel.detach()).abs().sum() / R

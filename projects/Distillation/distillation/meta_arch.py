@@ -1,0 +1,204 @@
+"""DSIG distillation of a Faster R-CNN student from a frozen Faster R-CNN teacher."""
+import logging
+from typing import Dict, List
+
+import torch
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
+from detectron2.modeling.poolers import ROIPooler
+from detectron2.structures import ImageList
+from torch import nn
+
+import dsig_ext
+
+from . import losses as L
+from .teacher import build_teacher
+
+logger = logging.getLogger(__name__)
+
+
+def fused_pooler_like(pooler: nn.Module, backend: str) -> nn.Module:
+    """dsig_ext.MultiLevelRoIAlign with the same geometry as a detectron2 ROIPooler."""
+    if isinstance(pooler, dsig_ext.MultiLevelRoIAlign) or not isinstance(pooler, ROIPooler):
+        return pooler
+    first = pooler.level_poolers[0]
+    if type(first).__name__ != "ROIAlign":
+        return pooler  # ROIPool / rotated types stay with detectron2
+    return dsig_ext.MultiLevelRoIAlign(
+        pooler.output_size, [p.spatial_scale for p in pooler.level_poolers], first.sampling_ratio,
+        "ROIAlignV2" if first.aligned else "ROIAlign",
+        canonical_box_size=pooler.canonical_box_size, canonical_level=pooler.canonical_level,
+        backend=backend)
+
+
+def _flip_channels(student_format: str, teacher_format: str) -> bool:
+    if student_format == teacher_format:
+        return False
+    if {student_format, teacher_format} == {"RGB", "BGR"}:
+        return True
+    raise ValueError(f"cannot feed {student_format} images to a {teacher_format} teacher")
+
+
+@META_ARCH_REGISTRY.register()
+class DistillationRCNN(nn.Module):
+    """Student GeneralizedRCNN (stock, parameter names unchanged) + frozen teacher GeneralizedRCNN.
+
+    Training: the student runs as detectron2 runs it, except that its box branch keeps the pooled
+    256x7x7 features of the sampled RoIs; the teacher (eval, no autograd) pools the same RoIs once
+    and classifies them; DSIG adds node, edge and the configured optional losses. Inference: the
+    student alone (no teacher work).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.student = GeneralizedRCNN(cfg)
+        teacher, tcfg = build_teacher(cfg)
+        self.teacher = teacher
+        self.backend = cfg.DISTILL.BACKEND
+        if self.backend not in ("fused", "reference"):
+            raise ValueError(f"DISTILL.BACKEND must be 'fused' or 'reference', got {self.backend!r}")
+        if self.backend == "fused":  # the student's own pooler too (no parameters: same names)
+            heads = self.student.roi_heads
+            heads.box_pooler = fused_pooler_like(heads.box_pooler, self.backend)
+        self.teacher_pooler = (fused_pooler_like(self.teacher.roi_heads.box_pooler, self.backend)
+                               if self.backend == "fused" else self.teacher.roi_heads.box_pooler)
+        self._check_compatible(cfg, tcfg)
+        self.flip_teacher_input = _flip_channels(cfg.INPUT.FORMAT, tcfg.INPUT.FORMAT)
+        d = cfg.DISTILL
+        self.num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+        self.cfg_distill = d.clone()
+        self.teacher_in_features = tcfg.MODEL.ROI_HEADS.IN_FEATURES
+
+    @staticmethod
+    def _check_compatible(cfg, tcfg):
+        if cfg.MODEL.ROI_HEADS.NUM_CLASSES != tcfg.MODEL.ROI_HEADS.NUM_CLASSES:
+            raise ValueError("student and teacher must have the same ROI_HEADS.NUM_CLASSES, got "
+                             f"{cfg.MODEL.ROI_HEADS.NUM_CLASSES} and "
+                             f"{tcfg.MODEL.ROI_HEADS.NUM_CLASSES}")
+        if cfg.MODEL.FPN.OUT_CHANNELS != tcfg.MODEL.FPN.OUT_CHANNELS:
+            raise ValueError("student and teacher FPNs must have the same OUT_CHANNELS (DSIG has "
+                             "no adaptation layer)")
+        if (cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION != tcfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
+                or len(cfg.MODEL.ROI_HEADS.IN_FEATURES) != len(tcfg.MODEL.ROI_HEADS.IN_FEATURES)):
+            raise ValueError("student and teacher must pool RoIs alike (resolution and levels)")
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # frozen: eval mode always
+        return self
+
+    @property
+    def device(self):
+        return self.student.device
+
+    def forward(self, batched_inputs: List[Dict]):
+        if not self.training:
+            return self.student(batched_inputs)
+        s = self.student
+        images = s.preprocess_image(batched_inputs)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        features = s.backbone(images.tensor)
+        with torch.no_grad():
+            t_features = self.teacher.backbone(self._teacher_images(batched_inputs).tensor)
+        proposals, proposal_losses = s.proposal_generator(images, features, gt_instances)
+        losses = dict(proposal_losses)
+        det_losses, kd_losses = self._box_branch_and_dsig(features, t_features, proposals,
+                                                          gt_instances, len(batched_inputs))
+        losses.update(det_losses)
+        losses.update(kd_losses)
+        if self.cfg_distill.FEATURE_LOSS_ON:
+            losses["loss_dsig_feature"] = L.feature_map_loss(
+                features, t_features, self.cfg_distill.FEATURE_LOSS_LEVELS,
+                self.cfg_distill.FEATURE_LOSS_WEIGHT)
+        return losses
+
+    def _teacher_images(self, batched_inputs) -> ImageList:
+        t = self.teacher
+        images = []
+        for x in batched_inputs:
+            img = x["image"].to(self.device)
+            if self.flip_teacher_input:
+                img = img.flip(0)
+            images.append((img - t.pixel_mean) / t.pixel_std)
+        return ImageList.from_tensors(images, t.backbone.size_divisibility)
+
+    def _box_branch_and_dsig(self, features, t_features, proposals, gt_instances, num_images):
+        """detectron2's StandardROIHeads box branch, keeping the pooled RoI features."""
+        d = self.cfg_distill
+        heads = self.student.roi_heads
+        proposals = heads.label_and_sample_proposals(proposals, gt_instances)
+        boxes = [p.proposal_boxes for p in proposals]
+        pooled = heads.box_pooler([features[f] for f in heads.box_in_features], boxes)
+        predictions = heads.box_predictor(heads.box_head(pooled))
+        det_losses = heads.box_predictor.losses(predictions, proposals)
+
+        gt_classes = torch.cat([p.gt_classes for p in proposals])
+        is_fg = (gt_classes >= 0) & (gt_classes < self.num_classes)
+        counts = [len(p) for p in proposals]
+        image_of = torch.repeat_interleave(torch.arange(len(counts), device=gt_classes.device),
+                                           torch.as_tensor(counts, device=gt_classes.device))
+        n_fg = [int(v) for v in torch.bincount(image_of[is_fg], minlength=len(counts)).tolist()]
+        n_bg = [c - f for c, f in zip(counts, n_fg)]
+        fg_idx = self._grouped(is_fg, image_of)
+        bg_idx = self._grouped(~is_fg, image_of)
+
+        need_bg = d.BG_NODE_LOSS_ON or (d.EDGE_LOSS_ON and d.BG_MINING_ON)
+        need_t_logits = d.ROI_CLS_KD_ON or d.ROI_REG_KD_ON or (d.EDGE_LOSS_ON and d.BG_MINING_ON)
+        with torch.no_grad():
+            t_pooled = self.teacher_pooler([t_features[f] for f in self.teacher_in_features],
+                                           boxes)
+            t_scores = t_deltas = None
+            if need_t_logits:
+                th = self.teacher.roi_heads
+                t_scores, t_deltas = th.box_predictor(th.box_head(t_pooled))
+
+        c = L.image_reduction_factor(num_images, d.IMAGE_REDUCTION, d.REFERENCE_IMAGES)
+        s_flat, t_flat = pooled.flatten(1), t_pooled.flatten(1)
+        kd = {}
+        if d.FG_NODE_LOSS_ON:
+            kd["loss_dsig_fg_node"] = L.fg_node_loss(s_flat[fg_idx], t_flat[fg_idx], n_fg,
+                                                     d.FG_NODE_LOSS_WEIGHT, c)
+        if d.BG_NODE_LOSS_ON and need_bg:
+            a = (L.adaptive_bg_weights(n_fg, n_bg, d.BG_WEIGHT_ALPHA) if d.BG_ADAPTIVE_WEIGHT_ON
+                 else [1.0] * len(counts))
+            kd["loss_dsig_bg_node"] = L.bg_node_loss(s_flat[bg_idx], t_flat[bg_idx], n_bg, a,
+                                                     d.BG_NODE_LOSS_WEIGHT, c)
+        if d.EDGE_LOSS_ON:
+            if d.BG_MINING_ON:
+                mined = L.mine_background(t_scores[bg_idx], self.num_classes,
+                                          d.BG_MINING_THRESHOLD, n_bg, d.BG_MINING_MAX)
+            else:
+                mined = torch.zeros(len(bg_idx), dtype=torch.bool, device=bg_idx.device)
+            node_idx, node_counts = self._graph_nodes(fg_idx, n_fg, bg_idx[mined],
+                                                      image_of[bg_idx[mined]], len(counts))
+            kd["loss_dsig_edge"] = L.edge_loss(s_flat[node_idx], t_flat[node_idx], node_counts,
+                                               d.EDGE_LOSS_WEIGHT, c, self.backend,
+                                               d.EDGE_ZERO_DEAD_ROWS)
+        if d.ROI_CLS_KD_ON:
+            kd["loss_dsig_roi_cls"] = L.roi_cls_kd_loss(predictions[0], t_scores,
+                                                        d.ROI_CLS_KD_TEMPERATURE,
+                                                        d.ROI_CLS_KD_WEIGHT)
+        if d.ROI_REG_KD_ON:
+            kd["loss_dsig_roi_reg"] = L.roi_reg_kd_loss(predictions[1], t_deltas, gt_classes,
+                                                        self.num_classes, d.ROI_REG_KD_WEIGHT)
+        return det_losses, kd
+
+    @staticmethod
+    def _grouped(mask: torch.Tensor, image_of: torch.Tensor) -> torch.Tensor:
+        """Indices where mask holds, grouped by image (stable within an image)."""
+        idx = mask.nonzero(as_tuple=True)[0]
+        order = torch.sort(image_of[idx], stable=True).indices
+        return idx[order]
+
+    @staticmethod
+    def _graph_nodes(fg_idx, n_fg, mined_idx, mined_image, num_images):
+        """Row indices of the graphs [fg_b ; mined bg_b], image by image, and their sizes."""
+        mined_counts = torch.bincount(mined_image, minlength=num_images).tolist()
+        parts, counts, f0, m0 = [], [], 0, 0
+        order = torch.sort(mined_image, stable=True).indices
+        mined_sorted = mined_idx[order]
+        for b in range(num_images):
+            parts += [fg_idx[f0:f0 + n_fg[b]], mined_sorted[m0:m0 + mined_counts[b]]]
+            counts.append(n_fg[b] + mined_counts[b])
+            f0 += n_fg[b]
+            m0 += mined_counts[b]
+        return torch.cat(parts), counts

@@ -1,0 +1,61 @@
+"""The frozen teacher: a stock detectron2 detector built from its own config file."""
+import logging
+import os
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from .checkpoint import load_teacher_weights
+from .config import add_distillation_config
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_teacher_config_path(cfg) -> str:
+    path = cfg.DISTILL.TEACHER.CONFIG
+    if not path:
+        raise ValueError("DISTILL.TEACHER.CONFIG is empty: name the teacher's detectron2 config")
+    candidates = [path]
+    source = getattr(cfg, "_config_file", None)  # set by train_net.setup
+    if source and not os.path.isabs(path):
+        candidates.insert(0, os.path.join(os.path.dirname(source), path))
+    for p in candidates:
+        if os.path.isfile(p):
+            return p
+    raise FileNotFoundError(f"teacher config {path!r} not found (tried {candidates})")
+
+
+def teacher_config(cfg):
+    """The teacher's detectron2 config: its file, DISTILL.TEACHER.OPTS, the student's device."""
+    tcfg = get_cfg()
+    add_distillation_config(tcfg)
+    tcfg.set_new_allowed(True)
+    tcfg.merge_from_file(resolve_teacher_config_path(cfg))
+    if cfg.DISTILL.TEACHER.OPTS:
+        tcfg.merge_from_list(list(cfg.DISTILL.TEACHER.OPTS))
+    tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
+    tcfg.MODEL.WEIGHTS = ""
+    tcfg.freeze()
+    return tcfg
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+def build_teacher(cfg):
+    """Build, load (strictly) and freeze the teacher. Returns (teacher, teacher_cfg)."""
+    tcfg = teacher_config(cfg)
+    teacher = build_model(tcfg)
+    weights = cfg.DISTILL.TEACHER.WEIGHTS
+    if weights:
+        load_teacher_weights(teacher, weights)
+    elif not cfg.DISTILL.TEACHER.ALLOW_RANDOM_INIT:
+        # MODEL.WEIGHTS may still bring teacher.* keys (the original merged checkpoint); the
+        # checkpointer checks them. Without either, training would distil from noise.
+        logger.warning("DISTILL.TEACHER.WEIGHTS is empty: the teacher must come from "
+                       "MODEL.WEIGHTS (teacher.* keys) or a resumed checkpoint")
+    return freeze(teacher), tcfg

@@ -1,0 +1,97 @@
+"""Trainer and set-up shared by train_net.py and the tests."""
+import logging
+import os
+import weakref
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.data.datasets import register_coco_instances
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup, hooks
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from torch.nn.parallel import DistributedDataParallel
+
+from .checkpoint import DistillationCheckpointer
+from .config import add_distillation_config
+
+logger = logging.getLogger("distillation")
+
+
+def load_config(config_file: str, opts=()):
+    """get_cfg -> add_distillation_config -> merge file -> merge opts; relative teacher config
+    paths resolve against the config file's folder; no GPU -> MODEL.DEVICE cpu. Not frozen."""
+    cfg = get_cfg()
+    add_distillation_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    teacher = cfg.DISTILL.TEACHER.CONFIG
+    if teacher and not os.path.isabs(teacher):
+        beside = os.path.join(os.path.dirname(os.path.abspath(config_file)), teacher)
+        if os.path.isfile(beside):
+            cfg.DISTILL.TEACHER.CONFIG = beside
+    if not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+def register_datasets(specs):
+    """Register user COCO-format datasets: each spec is (name, json_file, image_root)."""
+    for name, json_file, image_root in specs or []:
+        register_coco_instances(name, {}, json_file, image_root)
+
+
+def student_of(model):
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    return getattr(model, "student", model)
+
+
+class ExportStudent(hooks.HookBase):
+    """After training, write the student alone as a stock detectron2 checkpoint."""
+
+    def __init__(self, output_dir):
+        self.output_dir = output_dir
+
+    def after_train(self):
+        if comm.is_main_process() and self.trainer.iter + 1 >= self.trainer.max_iter:
+            path = os.path.join(self.output_dir, "model_final_student.pth")
+            torch.save({"model": student_of(self.trainer.model).state_dict()}, path)
+            logger.info("Exported the student to %s", path)
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with the distillation checkpointer, CPU DDP (gloo) support, COCO
+    evaluation on the pycocotools path and the student export."""
+
+    def __init__(self, cfg):  # DefaultTrainer's order, with our DDP and checkpointer
+        super(DefaultTrainer, self).__init__()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        if comm.get_world_size() > 1:
+            ids = [comm.get_local_rank()] if cfg.MODEL.DEVICE.startswith("cuda") else None
+            model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DistillationCheckpointer(model, cfg.OUTPUT_DIR,
+                                                     trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        return super().build_hooks() + [ExportStudent(self.cfg.OUTPUT_DIR)]
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
+
+
+def setup(args):
+    cfg = load_config(args.config_file, args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg

@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""DSIG distillation training and evaluation (detectron2 projects/ convention).
+
+Examples:
+  python projects/Distillation/train_net.py --config-file \
+      projects/Distillation/configs/Distillation-FasterRCNN-R18-R50-dsig-1x.yaml --num-gpus 4
+  python projects/Distillation/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS out/model_final.pth
+  python projects/Distillation/train_net.py --config-file CFG \
+      --register-coco my_train data/train.json data/images DATASETS.TRAIN '("my_train",)'
+Without a GPU it runs on the CPU; --num-gpus N then starts N CPU processes (gloo).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the distillation package
+
+from detectron2.engine import default_argument_parser  # noqa: E402
+from detectron2.evaluation import verify_results  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+
+from distillation.checkpoint import DistillationCheckpointer  # noqa: E402
+from distillation.launch import launch  # noqa: E402
+from distillation.training import Trainer, register_datasets, setup  # noqa: E402
+
+
+def main(args):
+    register_datasets(args.register_coco)
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DistillationCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def parser():
+    p = default_argument_parser()
+    p.add_argument("--register-coco", nargs=3, action="append", default=[],
+                   metavar=("NAME", "JSON", "IMAGE_ROOT"),
+                   help="register a COCO-format dataset of your own (repeatable)")
+    return p
+
+
+if __name__ == "__main__":
+    args = parser().parse_args()
+    print("Command Line Args:", args)
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))

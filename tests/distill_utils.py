@@ -1,0 +1,67 @@
+"""Tiny synthetic COCO datasets and config overrides for the trainer tests."""
+import json
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROJECT = os.path.join(ROOT, "projects", "Distillation")
+CONFIGS = os.path.join(PROJECT, "configs")
+if PROJECT not in sys.path:
+    sys.path.insert(0, PROJECT)
+
+FASTER_RCNN_CONFIGS = [
+    "Distillation-FasterRCNN-R18-R50-dsig-1x.yaml",
+    "Distillation-FasterRCNN-R50-R101-dsig-1x.yaml",
+    "Distillation-FasterRCNN-R101-R152-dsig-1x.yaml",
+    "Distillation-FasterRCNN-MNV2-R50-dsig-1x.yaml",
+    "Distillation-FasterRCNN-EB0-R101-dsig-1x.yaml",
+]
+
+
+def make_coco_dataset(root, num_images=4, size=(96, 128), num_classes=3, seed=0):
+    """Images of coloured rectangles on noise, with a COCO json. Returns (json, image_root)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    images, annotations = [], []
+    h, w = size
+    for i in range(num_images):
+        img = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
+        for _ in range(int(rng.integers(1, 4))):
+            bw, bh = int(rng.integers(12, w // 2)), int(rng.integers(12, h // 2))
+            x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+            cls = int(rng.integers(0, num_classes))
+            img[y:y + bh, x:x + bw] = np.array([80, 160, 240])[[cls % 3, (cls + 1) % 3, 2 - cls % 3]]
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
+                                "category_id": cls + 1, "bbox": [x, y, bw, bh],
+                                "area": bw * bh, "iscrowd": 0})
+        name = f"{i:04d}.png"
+        Image.fromarray(img).save(os.path.join(root, "images", name))
+        images.append({"id": i + 1, "file_name": name, "height": h, "width": w})
+    cats = [{"id": c + 1, "name": f"class{c}"} for c in range(num_classes)]
+    path = os.path.join(root, "train.json")
+    with open(path, "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": cats}, f)
+    return path, os.path.join(root, "images")
+
+
+def tiny_opts(dataset, output_dir, num_classes=3, iters=1, batch=2):
+    """Overrides that make any config run in seconds on a CPU with random weights."""
+    return [
+        "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu",
+        "MODEL.ROI_HEADS.NUM_CLASSES", str(num_classes),
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64",
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100", "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200",
+        "DISTILL.TEACHER.WEIGHTS", "", "DISTILL.TEACHER.ALLOW_RANDOM_INIT", "True",
+        "DISTILL.TEACHER.OPTS", f"['MODEL.ROI_HEADS.NUM_CLASSES', {num_classes}]",
+        "DATASETS.TRAIN", f"('{dataset}',)", "DATASETS.TEST", "()",
+        "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "160",
+        "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "160",
+        "SOLVER.IMS_PER_BATCH", str(batch), "SOLVER.MAX_ITER", str(iters),
+        "SOLVER.BASE_LR", "0.001", "SOLVER.WARMUP_ITERS", "0", "SOLVER.STEPS", "()",
+        "SOLVER.CHECKPOINT_PERIOD", "100000", "DATALOADER.NUM_WORKERS", "0",
+        "OUTPUT_DIR", output_dir, "SEED", "1",
+    ]
