@@ -48,6 +48,24 @@ class _TensorOnlyUnpickler(pickle.Unpickler):
             "containers are allowed (the file may execute code)")
 
 
+def _numpy_safe_globals():
+    """numpy array reconstruction for torch.load(weights_only=True): the original merged
+    checkpoints are torch.save'd dicts of numpy arrays."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    dtype_classes = [getattr(np.dtypes, n) for n in dir(getattr(np, "dtypes", object()))
+                     if n.endswith("DType")]
+    return [_reconstruct, np.ndarray, np.dtype] + dtype_classes
+
+
+def torch_load_safely(f):
+    """torch.load of tensors, containers and numpy arrays only (never arbitrary code)."""
+    with torch.serialization.safe_globals(_numpy_safe_globals()):
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
 def load_pickle_safely(path: str):
     with PathManager.open(path, "rb") as f:
         return _TensorOnlyUnpickler(f, encoding="latin1").load()
@@ -66,7 +84,7 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
             return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
         with PathManager.open(filename, "rb") as f:
-            loaded = torch.load(f, map_location="cpu", weights_only=True)
+            loaded = torch_load_safely(f)
         if "model" not in loaded:
             loaded = {"model": loaded}
         return loaded
@@ -95,7 +113,7 @@ class TeacherWeightsError(RuntimeError):
 
 
 def _raise_mismatch(source: str, missing, unexpected, wrong):
-    def listing(keys, limit=20):
+    def listing(keys, limit=100):
         keys = list(keys)
         more = f"\n    ... and {len(keys) - limit} more" if len(keys) > limit else ""
         return "\n".join(f"    {k}" for k in keys[:limit]) + more
@@ -183,7 +201,7 @@ def export_student(checkpoint_path: str, output_path: str) -> List[str]:
     ({"model": state_dict}) loadable by DetectionCheckpointer into a GeneralizedRCNN / RetinaNet
     built from the student's config. Returns the exported keys."""
     with PathManager.open(checkpoint_path, "rb") as f:
-        data = torch.load(f, map_location="cpu", weights_only=True)
+        data = torch_load_safely(f)
     weights = data.get("model", data)
     student = student_state_dict(weights)
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
