@@ -182,6 +182,7 @@ class DistillationCheckpointer(SafeDetectionCheckpointer):
             missing, unexpected, wrong = mismatched_keys(model.teacher.state_dict(), teacher)
             if missing or unexpected or wrong:
                 _raise_mismatch("MODEL.WEIGHTS (teacher.* keys)", missing, unexpected, wrong)
+            model.teacher_weights_loaded = True
         merged = OrderedDict([("student." + k, v) for k, v in student.items()])
         merged.update(("teacher." + k, v) for k, v in teacher.items())
         checkpoint["model"] = merged

@@ -67,6 +67,8 @@ class DistillationRCNN(nn.Module):
         self.num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
         self.cfg_distill = d.clone()
         self.teacher_in_features = tcfg.MODEL.ROI_HEADS.IN_FEATURES
+        # set again by DistillationCheckpointer when a checkpoint brings teacher.* weights
+        self.teacher_weights_loaded = bool(cfg.DISTILL.TEACHER.WEIGHTS)
 
     @staticmethod
     def _check_compatible(cfg, tcfg):

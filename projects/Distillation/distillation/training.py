@@ -81,6 +81,15 @@ class Trainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        if (not getattr(model, "teacher_weights_loaded", True)
+                and not self.cfg.DISTILL.TEACHER.ALLOW_RANDOM_INIT):
+            raise RuntimeError(
+                "the teacher has no weights: set DISTILL.TEACHER.WEIGHTS, or give MODEL.WEIGHTS "
+                "a checkpoint with teacher.* keys (e.g. the original merged Student-Teacher file)")
+
     def build_hooks(self):
         return super().build_hooks() + [ExportStudent(self.cfg.OUTPUT_DIR)]
 

@@ -1,0 +1,60 @@
+"""Multi-process training (2 CPU processes over gloo) and resuming after a kill."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("detectron2")
+from distill_utils import CONFIGS, ROOT, make_coco_dataset, tiny_opts  # noqa: E402
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_two_processes_stay_in_sync(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(TESTS, "ddp_worker.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["world_size"] == 2
+    assert report["changed"]
+    assert report["max_rank_difference"] == 0.0
+
+
+def _train_cmd(root, out, iters, resume):
+    config = os.path.join(CONFIGS, "Distillation-FasterRCNN-MNV2-R50-dsig-1x.yaml")
+    opts = tiny_opts("resume_tiny", out, iters=iters, stable=True)
+    opts[opts.index("SOLVER.CHECKPOINT_PERIOD") + 1] = "2"
+    cmd = [sys.executable, os.path.join(ROOT, "projects", "Distillation", "train_net.py"),
+           "--config-file", config, "--register-coco", "resume_tiny",
+           os.path.join(root, "train.json"), os.path.join(root, "images")]
+    return cmd + (["--resume"] if resume else []) + opts
+
+
+def test_resume_after_kill(tmp_path):
+    root, out = str(tmp_path), str(tmp_path / "out")
+    make_coco_dataset(root)
+    iters = 16
+    proc = subprocess.Popen(_train_cmd(root, out, iters, False), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    checkpoint = os.path.join(out, "model_0000003.pth")
+    deadline = time.time() + 300
+    while not os.path.exists(checkpoint) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert os.path.exists(checkpoint), proc.stderr.read()[-3000:] if proc.poll() else "timeout"
+    time.sleep(0.5)  # let the checkpoint file finish
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(out, "model_final.pth"))
+    with open(os.path.join(out, "last_checkpoint")) as f:
+        last = f.read().strip()
+    done = int(last.split("_")[1].split(".")[0]) + 1  # model_000000k.pth saved after k + 1 iters
+    resumed = subprocess.run(_train_cmd(root, out, iters, True), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Starting training from iteration {done}" in resumed.stdout + resumed.stderr
+    assert os.path.exists(os.path.join(out, "model_final.pth"))
+    assert os.path.exists(os.path.join(out, "model_final_student.pth"))
