@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Usage: ./start_train.sh MODE CONFIG [KEY VALUE ...]
 #   MODE: train | eval | debugtrain (one process, one image per batch)
+# Datasets of your own: DSIG_COCO_DATASETS="name=ann.json,image_root;..." (COCO json).
 # The output directory derives from the config path as in the original DSIG repository:
 #   projects/Distillation/configs/X.yaml -> ./output/Distillation.configs.X
 # GPUs: NUM_GPUS (environment) or every visible GPU; without a GPU it runs on the CPU.
 set -euo pipefail
 if [ $# -lt 2 ]; then
-  sed -n '2,6p' "$0"; exit 2
+  sed -n '2,7p' "$0"; exit 2
 fi
 MODE=$1; CONFIG=$2; shift 2
 cd "$(dirname "$0")"

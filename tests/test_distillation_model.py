@@ -263,3 +263,33 @@ def test_torchvision_backbone_converter(tmp_path, dataset):
             torch.testing.assert_close(student[k], v, msg=k)
         # every backbone tensor of the student comes from the file, and nothing else
         assert {k for k in student if k.startswith("backbone.bottom_up.")} == set(weights)
+
+
+def test_teacher_without_weights_is_refused(dataset, tmp_path):
+    cfg = config(FASTER_RCNN_CONFIGS[3], tmp_path, ["DISTILL.TEACHER.ALLOW_RANDOM_INIT", "False"])
+    cfg.freeze()
+    trainer = Trainer(cfg)
+    with pytest.raises(RuntimeError, match="the teacher has no weights"):
+        trainer.resume_or_load(resume=False)
+
+
+def test_exported_student_evaluates_to_the_same_ap(dataset, tmp_path):
+    from distillation.checkpoint import export_student
+
+    cfg = config(FASTER_RCNN_CONFIGS[3], tmp_path, ["DATASETS.TEST", f"('{DATASET}',)",
+                                                    "MODEL.MOBILENETV2.NORM", "BN"])
+    cfg.freeze()
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()  # one step, then the trainer's own evaluation of the final model
+    own = trainer.test(cfg, trainer.model)
+    export_student(os.path.join(str(tmp_path), "model_final.pth"), str(tmp_path / "s.pth"))
+    stock_cfg = cfg.clone()
+    stock_cfg.defrost()
+    stock_cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    stock = _model(stock_cfg)
+    DetectionCheckpointer(stock).load(str(tmp_path / "s.pth"))
+    theirs = Trainer.test(stock_cfg, stock)
+    assert own.keys() == theirs.keys() and "bbox" in own
+    for k, v in own["bbox"].items():
+        assert v == pytest.approx(theirs["bbox"][k], nan_ok=True), k

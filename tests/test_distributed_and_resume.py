@@ -58,3 +58,24 @@ def test_resume_after_kill(tmp_path):
     assert f"Starting training from iteration {done}" in resumed.stdout + resumed.stderr
     assert os.path.exists(os.path.join(out, "model_final.pth"))
     assert os.path.exists(os.path.join(out, "model_final_student.pth"))
+
+
+def test_start_train_script_debugtrain(tmp_path):
+    root = str(tmp_path)
+    make_coco_dataset(root)
+    config = "projects/Distillation/configs/Distillation-FasterRCNN-MNV2-R50-dsig-1x.yaml"
+    out = os.path.join(ROOT, "output", "Distillation.configs.Distillation-FasterRCNN-MNV2-R50-dsig-1x.debug")
+    env = dict(os.environ, PYTHON=sys.executable, NUM_GPUS="1",
+               DSIG_COCO_DATASETS=f"script_tiny={root}/train.json,{root}/images")
+    opts = tiny_opts("script_tiny", out, iters=2, stable=True)
+    opts = opts[:opts.index("OUTPUT_DIR")]  # the script derives OUTPUT_DIR from the config path
+    i = opts.index("SOLVER.IMS_PER_BATCH")
+    del opts[i:i + 2]  # debugtrain sets it to 1
+    proc = subprocess.run([os.path.join(ROOT, "start_train.sh"), "debugtrain", config] + opts,
+                          capture_output=True, text=True, timeout=600, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert os.path.isfile(os.path.join(out, "model_final.pth"))
+    import yaml
+
+    with open(os.path.join(out, "config.yaml")) as f:
+        assert yaml.safe_load(f)["SOLVER"]["IMS_PER_BATCH"] == 1

@@ -34,9 +34,29 @@ def load_config(config_file: str, opts=()):
     return cfg
 
 
+def datasets_from_env(value: str):
+    """DSIG_COCO_DATASETS="name=ann.json,image_root;name2=..." -> [(name, json, root), ...]."""
+    specs = []
+    for item in filter(None, (v.strip() for v in value.split(";"))):
+        name, _, rest = item.partition("=")
+        json_file, _, image_root = rest.partition(",")
+        if not (name and json_file and image_root):
+            raise ValueError(f"DSIG_COCO_DATASETS entry {item!r} is not name=ann.json,image_root")
+        specs.append((name, json_file, image_root))
+    return specs
+
+
 def register_datasets(specs):
-    """Register user COCO-format datasets: each spec is (name, json_file, image_root)."""
-    for name, json_file, image_root in specs or []:
+    """Register user COCO-format datasets: each spec is (name, json_file, image_root); entries
+    of the DSIG_COCO_DATASETS environment variable are added."""
+    from detectron2.data import DatasetCatalog
+
+    specs = list(specs or []) + datasets_from_env(os.environ.get("DSIG_COCO_DATASETS", ""))
+    for name, json_file, image_root in specs:
+        if name in DatasetCatalog.list():
+            continue  # already registered (e.g. by both the flag and the environment)
+        if not os.path.isfile(json_file):
+            raise FileNotFoundError(f"dataset {name}: annotation file {json_file} not found")
         register_coco_instances(name, {}, json_file, image_root)
 
 
