@@ -56,11 +56,13 @@ STABLE_TEACHER_OPTS = ", 'MODEL.RESNETS.NORM', 'GN', 'MODEL.FPN.NORM', 'GN'"
 
 def tiny_opts(dataset, output_dir, num_classes=3, iters=1, batch=2, stable=False):
     """Overrides that make any config run in seconds on a CPU with random weights."""
-    teacher_opts = f"['MODEL.ROI_HEADS.NUM_CLASSES', {num_classes}"
+    teacher_opts = (f"['MODEL.ROI_HEADS.NUM_CLASSES', {num_classes}, "
+                    f"'MODEL.RETINANET.NUM_CLASSES', {num_classes}")
     teacher_opts += (STABLE_TEACHER_OPTS if stable else "") + "]"
     return (STABLE_MNV2_OPTS if stable else []) + [
         "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu",
         "MODEL.ROI_HEADS.NUM_CLASSES", str(num_classes),
+        "MODEL.RETINANET.NUM_CLASSES", str(num_classes),
         "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64",
         "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100", "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200",
         "DISTILL.TEACHER.WEIGHTS", "", "DISTILL.TEACHER.ALLOW_RANDOM_INIT", "True",

@@ -3,10 +3,12 @@ from .config import add_distillation_config
 from . import backbones  # noqa: F401  (registers the MobileNetV2 / EfficientNet-B0 backbones)
 from .checkpoint import DistillationCheckpointer, export_student, load_teacher_weights
 from .meta_arch import DistillationRCNN
+from .meta_arch_retinanet import DistillationRetinaNet
 
 __all__ = [
     "DistillationCheckpointer",
     "DistillationRCNN",
+    "DistillationRetinaNet",
     "add_distillation_config",
     "export_student",
     "load_teacher_weights",

@@ -57,6 +57,13 @@ def add_distillation_config(cfg):
     _C.DISTILL.ROI_REG_KD_ON = False  # L1 on the GT-class deltas of fg RoIs
     _C.DISTILL.ROI_REG_KD_WEIGHT = 1.0
 
+    # --- one-stage (RetinaNet) nodes: the student's own current detections --------------------
+    _C.DISTILL.NODE_TOPK_PER_LEVEL = 1000
+    _C.DISTILL.NODE_SCORE_THRESH = 0.0
+    _C.DISTILL.NODE_NMS_THRESH = 0.5  # class-wise
+    _C.DISTILL.NODE_MAX_PER_IMAGE = 100
+    _C.DISTILL.NODE_POOLER_RESOLUTION = 7  # ROIAlignV2, sampling 0, canonical 224 at level 4
+
     # --- image reduction of the node and edge losses (original W3) ----------------------------
     # "sum": sum over the images on one GPU, as the original (weight grows with images/GPU);
     # "mean": REFERENCE_IMAGES * mean over images, equal to "sum" at REFERENCE_IMAGES per GPU

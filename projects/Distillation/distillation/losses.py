@@ -127,3 +127,23 @@ def roi_reg_kd_loss(s_deltas: torch.Tensor, t_deltas: torch.Tensor, gt_classes: 
         s_sel = s_deltas[idx[:, None], cols]
         t_sel = t_deltas[idx[:, None], cols]
     return weight * (s_sel - t_sel.detach()).abs().sum() / R
+
+
+def dense_cls_kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, valid: torch.Tensor,
+                      weight: float) -> torch.Tensor:
+    """L = w * (1 / (A K)) * sum_{a valid} sum_k p^t_ak (log p^t_ak - log p^s_ak), p = softmax
+    over the K class logits of each of the A non-ignored anchors (a mean over elements, as the
+    original's kl_div(reduction='mean'); softmax over sigmoid-trained logits is its choice)."""
+    s, t = s_logits[valid], t_logits[valid].detach()
+    if s.numel() == 0:
+        return s_logits.sum() * 0.0
+    kl = F.kl_div(F.log_softmax(s, dim=-1), F.softmax(t, dim=-1), reduction="sum")
+    return weight * kl / s.numel()
+
+
+def dense_reg_kd_loss(s_deltas: torch.Tensor, t_deltas: torch.Tensor, positive: torch.Tensor,
+                      weight: float) -> torch.Tensor:
+    """L = w * sum_{a positive} ||d^s_a - d^t_a||_1 / max(1, #positive) (smooth-L1 with beta 0)."""
+    num_pos = int(positive.sum())
+    diff = (s_deltas[positive] - t_deltas[positive].detach()).abs().sum()
+    return weight * diff / max(1, num_pos)

@@ -5,13 +5,12 @@ from typing import Dict, List
 import torch
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.poolers import ROIPooler
-from detectron2.structures import ImageList
 from torch import nn
 
 import dsig_ext
 
 from . import losses as L
-from .teacher import build_teacher
+from .teacher import build_teacher, needs_channel_flip, teacher_images
 
 logger = logging.getLogger(__name__)
 
@@ -28,14 +27,6 @@ def fused_pooler_like(pooler: nn.Module, backend: str) -> nn.Module:
         "ROIAlignV2" if first.aligned else "ROIAlign",
         canonical_box_size=pooler.canonical_box_size, canonical_level=pooler.canonical_level,
         backend=backend)
-
-
-def _flip_channels(student_format: str, teacher_format: str) -> bool:
-    if student_format == teacher_format:
-        return False
-    if {student_format, teacher_format} == {"RGB", "BGR"}:
-        return True
-    raise ValueError(f"cannot feed {student_format} images to a {teacher_format} teacher")
 
 
 @META_ARCH_REGISTRY.register()
@@ -62,7 +53,7 @@ class DistillationRCNN(nn.Module):
         self.teacher_pooler = (fused_pooler_like(self.teacher.roi_heads.box_pooler, self.backend)
                                if self.backend == "fused" else self.teacher.roi_heads.box_pooler)
         self._check_compatible(cfg, tcfg)
-        self.flip_teacher_input = _flip_channels(cfg.INPUT.FORMAT, tcfg.INPUT.FORMAT)
+        self.flip_teacher_input = needs_channel_flip(cfg.INPUT.FORMAT, tcfg.INPUT.FORMAT)
         d = cfg.DISTILL
         self.num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
         self.cfg_distill = d.clone()
@@ -100,7 +91,9 @@ class DistillationRCNN(nn.Module):
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         features = s.backbone(images.tensor)
         with torch.no_grad():
-            t_features = self.teacher.backbone(self._teacher_images(batched_inputs).tensor)
+            t_images = teacher_images(self.teacher, batched_inputs, self.flip_teacher_input,
+                                      self.device)
+            t_features = self.teacher.backbone(t_images.tensor)
         proposals, proposal_losses = s.proposal_generator(images, features, gt_instances)
         losses = dict(proposal_losses)
         det_losses, kd_losses = self._box_branch_and_dsig(features, t_features, proposals,
@@ -112,16 +105,6 @@ class DistillationRCNN(nn.Module):
                 features, t_features, self.cfg_distill.FEATURE_LOSS_LEVELS,
                 self.cfg_distill.FEATURE_LOSS_WEIGHT)
         return losses
-
-    def _teacher_images(self, batched_inputs) -> ImageList:
-        t = self.teacher
-        images = []
-        for x in batched_inputs:
-            img = x["image"].to(self.device)
-            if self.flip_teacher_input:
-                img = img.flip(0)
-            images.append((img - t.pixel_mean) / t.pixel_std)
-        return ImageList.from_tensors(images, t.backbone.size_divisibility)
 
     def _box_branch_and_dsig(self, features, t_features, proposals, gt_instances, num_images):
         """detectron2's StandardROIHeads box branch, keeping the pooled RoI features."""

@@ -5,6 +5,7 @@ import os
 import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from detectron2.structures import ImageList
 
 from .checkpoint import load_teacher_weights
 from .config import add_distillation_config
@@ -59,3 +60,23 @@ def build_teacher(cfg):
         logger.warning("DISTILL.TEACHER.WEIGHTS is empty: the teacher must come from "
                        "MODEL.WEIGHTS (teacher.* keys) or a resumed checkpoint")
     return freeze(teacher), tcfg
+
+
+def needs_channel_flip(student_format: str, teacher_format: str) -> bool:
+    """Whether the teacher needs the data's channels reversed (RGB student, BGR teacher...)."""
+    if student_format == teacher_format:
+        return False
+    if {student_format, teacher_format} == {"RGB", "BGR"}:
+        return True
+    raise ValueError(f"cannot feed {student_format} images to a {teacher_format} teacher")
+
+
+def teacher_images(teacher, batched_inputs, flip: bool, device) -> ImageList:
+    """The batch normalised, channel-ordered and padded as the teacher expects."""
+    images = []
+    for x in batched_inputs:
+        img = x["image"].to(device)
+        if flip:
+            img = img.flip(0)
+        images.append((img - teacher.pixel_mean) / teacher.pixel_std)
+    return ImageList.from_tensors(images, teacher.backbone.size_divisibility)
