@@ -75,3 +75,9 @@ def tiny_opts(dataset, output_dir, num_classes=3, iters=1, batch=2, stable=False
         "SOLVER.CHECKPOINT_PERIOD", "100000", "DATALOADER.NUM_WORKERS", "0",
         "OUTPUT_DIR", output_dir, "SEED", "1",
     ]
+
+RETINANET_CONFIGS = [
+    "Distillation-RetinaNet-R18-R50-dsig-1x.yaml",
+    "Distillation-RetinaNet-MNV2-R50-dsig-1x.yaml",
+    "Distillation-RetinaNet-EB0-R101-dsig-1x.yaml",
+]
