@@ -41,6 +41,9 @@ def main(args):
 
 def parser():
     p = default_argument_parser()
+    p.add_argument("--allow-unsafe-yaml", action="store_true",
+                   help="let config files use Python YAML tags (they execute code; the "
+                        "original RetinaNet configs use one for anchor sizes)")
     p.add_argument("--register-coco", nargs=3, action="append", default=[],
                    metavar=("NAME", "JSON", "IMAGE_ROOT"),
                    help="register a COCO-format dataset of your own (repeatable)")

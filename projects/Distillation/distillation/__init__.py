@@ -4,6 +4,9 @@ from . import backbones  # noqa: F401  (registers the MobileNetV2 / EfficientNet
 from .checkpoint import DistillationCheckpointer, export_student, load_teacher_weights
 from .meta_arch import DistillationRCNN
 from .meta_arch_retinanet import DistillationRetinaNet
+from .legacy import register_legacy_names
+
+register_legacy_names()
 
 __all__ = [
     "DistillationCheckpointer",

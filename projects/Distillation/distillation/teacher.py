@@ -3,12 +3,13 @@ import logging
 import os
 
 import torch
-from detectron2.config import get_cfg
+from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList
 
 from .checkpoint import load_teacher_weights
 from .config import add_distillation_config
+from .yaml_io import read_config
 
 logger = logging.getLogger(__name__)
 
@@ -17,22 +18,16 @@ def resolve_teacher_config_path(cfg) -> str:
     path = cfg.DISTILL.TEACHER.CONFIG
     if not path:
         raise ValueError("DISTILL.TEACHER.CONFIG is empty: name the teacher's detectron2 config")
-    candidates = [path]
-    source = getattr(cfg, "_config_file", None)  # set by train_net.setup
-    if source and not os.path.isabs(path):
-        candidates.insert(0, os.path.join(os.path.dirname(source), path))
-    for p in candidates:
-        if os.path.isfile(p):
-            return p
-    raise FileNotFoundError(f"teacher config {path!r} not found (tried {candidates})")
+    if not os.path.isfile(path):  # load_config already resolved paths beside the config file
+        raise FileNotFoundError(f"DISTILL.TEACHER.CONFIG {path!r} not found")
+    return path
 
 
 def teacher_config(cfg):
     """The teacher's detectron2 config: its file, DISTILL.TEACHER.OPTS, the student's device."""
     tcfg = get_cfg()
     add_distillation_config(tcfg)
-    tcfg.set_new_allowed(True)
-    tcfg.merge_from_file(resolve_teacher_config_path(cfg))
+    tcfg.merge_from_other_cfg(CfgNode(read_config(resolve_teacher_config_path(cfg))))
     if cfg.DISTILL.TEACHER.OPTS:
         tcfg.merge_from_list(list(cfg.DISTILL.TEACHER.OPTS))
     tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE

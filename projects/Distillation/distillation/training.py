@@ -4,7 +4,7 @@ import os
 import weakref
 
 import torch
-from detectron2.config import get_cfg
+from detectron2.config import CfgNode, get_cfg
 from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup, hooks
 from detectron2.evaluation import COCOEvaluator
@@ -12,17 +12,25 @@ from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import DistillationCheckpointer
+from . import legacy
 from .config import add_distillation_config
+from .yaml_io import read_config
 
 logger = logging.getLogger("distillation")
 
 
-def load_config(config_file: str, opts=()):
-    """get_cfg -> add_distillation_config -> merge file -> merge opts; relative teacher config
-    paths resolve against the config file's folder; no GPU -> MODEL.DEVICE cpu. Not frozen."""
+def load_config(config_file: str, opts=(), allow_unsafe_yaml: bool = False):
+    """get_cfg -> add_distillation_config -> merge file (safe YAML, `_BASE_`; a config written
+    for the original repository is translated) -> merge opts; relative teacher config paths
+    resolve against the config file's folder; no GPU -> MODEL.DEVICE cpu. Not frozen."""
     cfg = get_cfg()
     add_distillation_config(cfg)
-    cfg.merge_from_file(config_file)
+    data = read_config(config_file, allow_unsafe=allow_unsafe_yaml)
+    if legacy.is_legacy(data):
+        logger.warning("%s is written for the original DSIG repository: translating its keys "
+                       "(see projects/Distillation/README.md)", config_file)
+        data = legacy.translate_config(data, config_file)
+    cfg.merge_from_other_cfg(CfgNode(data))
     cfg.merge_from_list(list(opts))
     teacher = cfg.DISTILL.TEACHER.CONFIG
     if teacher and not os.path.isabs(teacher):
@@ -120,7 +128,8 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    cfg = load_config(args.config_file, args.opts)
+    cfg = load_config(args.config_file, args.opts,
+                      allow_unsafe_yaml=getattr(args, "allow_unsafe_yaml", False))
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
