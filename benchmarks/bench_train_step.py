@@ -1,0 +1,249 @@
+#!/usr/bin/env python
+"""Training-step cost of DSIG for the eight configs.
+
+For each config, seconds per training iteration (forward + backward + SGD step) and peak memory of
+  (a) the student alone (a stock detectron2 model),
+  (b) the student plus the teacher's forward,
+  (c) DSIG with dsig_ext's reference backend (detectron2 ROIPooler, per-graph edge loss),
+  (d) DSIG with the fused backend,
+and the DSIG overhead (d)/(b) (goal <= 1.15) and the speed-up (c)/(d). On a CPU the input is
+reduced (--size, default 320x480) and the batch is 2 images; on a GPU full size 800x1333.
+Random weights with FrozenBN statistics calibrated on the batch (so activations stay finite);
+random images with a few boxes. Each variant runs in its own process, so peak memory is its own.
+
+Writes bench_train_step_<device>.{json,md,png} to --out.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROJECT = os.path.join(ROOT, "projects", "Distillation")
+CONFIGS = [
+    "Distillation-FasterRCNN-R18-R50-dsig-1x.yaml",
+    "Distillation-FasterRCNN-R50-R101-dsig-1x.yaml",
+    "Distillation-FasterRCNN-R101-R152-dsig-1x.yaml",
+    "Distillation-FasterRCNN-MNV2-R50-dsig-1x.yaml",
+    "Distillation-FasterRCNN-EB0-R101-dsig-1x.yaml",
+    "Distillation-RetinaNet-R18-R50-dsig-1x.yaml",
+    "Distillation-RetinaNet-MNV2-R50-dsig-1x.yaml",
+    "Distillation-RetinaNet-EB0-R101-dsig-1x.yaml",
+]
+VARIANTS = ["student", "student+teacher", "dsig-reference", "dsig-fused"]
+
+
+def _calibrate_frozen_bn(model, batch_images):
+    """Set every FrozenBatchNorm2d to normalise what it sees on this batch (weights are random)."""
+    import torch
+    from detectron2.layers import FrozenBatchNorm2d
+
+    hooks = []
+
+    def pre_hook(module, inputs):
+        x = inputs[0]
+        module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        module.running_var.copy_(x.var(dim=(0, 2, 3)) + module.eps)
+        module.weight.fill_(1.0)
+        module.bias.zero_()
+
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            hooks.append(m.register_forward_pre_hook(pre_hook))
+    with torch.no_grad():
+        model.backbone(batch_images)
+    for h in hooks:
+        h.remove()
+
+
+def _batch(cfg, batch_size, size, seed=0):
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    batch = []
+    for _ in range(batch_size):
+        n = 6
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
+        wh = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.35, h * 0.35]) + 16
+        inst = Instances((h, w))
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1))
+        inst.gt_classes = torch.randint(0, 80, (n,), generator=g)
+        img = (torch.rand(3, h, w, generator=g) * 255).to(torch.uint8).float()
+        batch.append({"image": img, "instances": inst, "height": h, "width": w})
+    return batch
+
+
+def run_variant(config, variant, device, size, batch_size, iters, warmup):
+    """One variant in this process; returns its measurement."""
+    sys.path.insert(0, PROJECT)
+    import torch
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    from distillation.training import load_config
+
+    torch.manual_seed(0)
+    opts = ["MODEL.WEIGHTS", "", "DISTILL.TEACHER.WEIGHTS", "",
+            "DISTILL.TEACHER.ALLOW_RANDOM_INIT", "True", "MODEL.DEVICE", device]
+    if variant == "dsig-reference":
+        opts += ["DISTILL.BACKEND", "reference"]
+    cfg = load_config(os.path.join(PROJECT, "configs", config), opts)
+    stock = "RetinaNet" if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE else "GeneralizedRCNN"
+    cfg.freeze()
+    model = build_model(cfg)
+    batch = _batch(cfg, batch_size, size)
+    student, teacher = model.student, model.teacher
+    with torch.no_grad():
+        _calibrate_frozen_bn(student, student.preprocess_image(batch).tensor)
+        from distillation.teacher import teacher_images
+        _calibrate_frozen_bn(teacher, teacher_images(teacher, batch, model.flip_teacher_input,
+                                                     model.device).tensor)
+    model.train()
+    net = student if variant in ("student", "student+teacher") else model
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+
+    def step():
+        with EventStorage():
+            losses = net(batch)
+        if variant == "student+teacher":
+            with torch.no_grad():
+                t_img = teacher_images(teacher, batch, model.flip_teacher_input, model.device)
+                teacher.backbone(t_img.tensor)
+        loss = sum(losses.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
+    return {"config": config, "variant": variant, "stock": stock,
+            "seconds_per_iter": statistics.median(times), "peak_memory_mib": peak}
+
+
+def machine_name(device):
+    import torch
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def markdown(result):
+    lines = [f"# DSIG training-step benchmark ({result['device']})", "",
+             f"- machine: {result['machine']}",
+             f"- torch {result['torch']}, input {result['size'][0]}x{result['size'][1]}, "
+             f"{result['batch']} images/iteration, median of {result['iters']} iterations",
+             "", "| config | (a) student s/it | (b) +teacher fwd | (c) DSIG reference | "
+             "(d) DSIG fused | overhead (d)/(b) | speed-up (c)/(d) | peak MiB a/b/c/d |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in result["rows"]:
+        v = r["variants"]
+        s = [v[k]["seconds_per_iter"] for k in VARIANTS]
+        mem = "/".join(f"{v[k]['peak_memory_mib']:.0f}" for k in VARIANTS)
+        lines.append(f"| {r['config'].replace('-dsig-1x.yaml', '')} | {s[0]:.3f} | {s[1]:.3f} | "
+                     f"{s[2]:.3f} | {s[3]:.3f} | {r['overhead']:.2f} | {r['speedup']:.2f}x | "
+                     f"{mem} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = result["rows"]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    for i, k in enumerate(VARIANTS):
+        ax.bar(x + (i - 1.5) * 0.2, [r["variants"][k]["seconds_per_iter"] for r in rows], 0.2,
+               label=k)
+    ax.set_xticks(x, [r["config"].replace("Distillation-", "").replace("-dsig-1x.yaml", "")
+                      for r in rows], rotation=20, fontsize=8)
+    ax.set_ylabel("seconds / iteration")
+    ax.legend(fontsize=8)
+    ax.set_title(f"DSIG training step, {result['machine']}, torch {result['torch']}, "
+                 f"{result['size'][0]}x{result['size'][1]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"))
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--configs", nargs="*", default=CONFIGS)
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--one", nargs=2, metavar=("CONFIG", "VARIANT"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    size = a.size or ([800, 1333] if a.device == "cuda" else [320, 480])
+    iters = a.iters or (20 if a.device == "cuda" else 3)
+    if a.one:  # child process: one measurement as JSON on the last line
+        print(json.dumps(run_variant(a.one[0], a.one[1], a.device, size, a.batch, iters,
+                                     a.warmup)))
+        return
+    rows = []
+    for config in a.configs:
+        variants = {}
+        for variant in VARIANTS:
+            print(f"[bench] {config} {variant}", flush=True)
+            cmd = [sys.executable, os.path.abspath(__file__), "--one", config, variant,
+                   "--device", a.device, "--size", str(size[0]), str(size[1]), "--batch",
+                   str(a.batch), "--iters", str(iters), "--warmup", str(a.warmup)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"{config} {variant} failed:\n{proc.stderr[-3000:]}")
+            variants[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+        s = {k: variants[k]["seconds_per_iter"] for k in VARIANTS}
+        rows.append({"config": config, "variants": variants,
+                     "overhead": s["dsig-fused"] / s["student+teacher"],
+                     "speedup": s["dsig-reference"] / s["dsig-fused"]})
+    result = {"device": a.device, "machine": machine_name(a.device), "torch": torch.__version__,
+              "size": size, "batch": a.batch, "iters": iters, "rows": rows}
+    os.makedirs(a.out, exist_ok=True)
+    base = os.path.join(a.out, f"bench_train_step_{a.device}")
+    with open(base + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    md = markdown(result)
+    with open(base + ".md", "w") as f:
+        f.write(md)
+    plot(result, base + ".png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
