@@ -16,7 +16,6 @@ Writes bench_train_step_<device>.{json,md,png} to --out.
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -24,6 +23,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_name  # noqa: E402
+
 PROJECT = os.path.join(ROOT, "projects", "Distillation")
 CONFIGS = [
     "Distillation-FasterRCNN-R18-R50-dsig-1x.yaml",
@@ -108,7 +110,8 @@ def run_variant(config, variant, device, size, batch_size, iters, warmup):
     model.train()
     net = student if variant in ("student", "student+teacher") else model
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    # lr 0: the same work per step, and random-weight networks cannot diverge mid-benchmark
+    opt = torch.optim.SGD(params, lr=0.0, momentum=0.9)
 
     def step():
         with EventStorage():
@@ -142,17 +145,6 @@ def run_variant(config, variant, device, size, batch_size, iters, warmup):
             "seconds_per_iter": statistics.median(times), "peak_memory_mib": peak}
 
 
-def machine_name(device):
-    import torch
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    model = platform.processor() or "CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def markdown(result):

@@ -249,7 +249,7 @@ def test_torchvision_backbone_converter(tmp_path, dataset):
     import torchvision
     from tools_convert import convert
 
-    for arch, name in (("resnet18", FASTER_RCNN_CONFIGS[0]),
+    for arch, name in (("resnet18", FASTER_RCNN_CONFIGS[0]), ("resnet50", FASTER_RCNN_CONFIGS[1]),
                        ("mobilenet_v2", FASTER_RCNN_CONFIGS[3]),
                        ("efficientnet_b0", FASTER_RCNN_CONFIGS[4])):
         net = getattr(torchvision.models, arch)(weights=None)

@@ -12,6 +12,27 @@ at::ScalarType accumulate_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+std::pair<at::Tensor, at::Tensor> prepare_rois(const at::Tensor& rois, const at::Tensor& levels,
+                                               at::ScalarType dtype) {
+  return {rois.to(accumulate_type(dtype)).contiguous(), levels.to(at::kLong).contiguous()};
+}
+
+std::vector<at::Tensor> zero_level_grads(const at::Tensor& grad, int64_t batch_size,
+                                         int64_t channels, at::IntArrayRef heights,
+                                         at::IntArrayRef widths) {
+  std::vector<at::Tensor> grads;
+  for (size_t l = 0; l < heights.size(); ++l)
+    grads.push_back(at::zeros({batch_size, channels, heights[l], widths[l]},
+                              grad.options().dtype(accumulate_type(grad.scalar_type()))));
+  return grads;
+}
+
+std::vector<at::Tensor> cast_level_grads(std::vector<at::Tensor> grads, at::ScalarType dtype) {
+  for (auto& t : grads)
+    if (t.scalar_type() != dtype) t = t.to(dtype);
+  return grads;
+}
+
 static void check_rois_levels(const at::Tensor& rois, const at::Tensor& levels,
                               const at::Device& device) {
   TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5,

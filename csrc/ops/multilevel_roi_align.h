@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include <utility>
 #include <vector>
 
 namespace dsig {
@@ -31,6 +32,18 @@ void check_roi_values_cpu(const at::Tensor& rois, const at::Tensor& levels, int6
 
 // Accumulation dtype of a feature dtype: float for half/bfloat16/float, double for double.
 at::ScalarType accumulate_type(at::ScalarType t);
+
+// rois as contiguous [K, 5] in the accumulation dtype of `dtype`, levels as contiguous int64.
+std::pair<at::Tensor, at::Tensor> prepare_rois(const at::Tensor& rois, const at::Tensor& levels,
+                                               at::ScalarType dtype);
+
+// Zeroed per-level gradient buffers [B, C, H_l, W_l] in the accumulation dtype of grad.
+std::vector<at::Tensor> zero_level_grads(const at::Tensor& grad, int64_t batch_size,
+                                         int64_t channels, at::IntArrayRef heights,
+                                         at::IntArrayRef widths);
+
+// The buffers cast to the gradient's dtype where it differs.
+std::vector<at::Tensor> cast_level_grads(std::vector<at::Tensor> grads, at::ScalarType dtype);
 
 }  // namespace ops
 }  // namespace dsig

@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <tuple>
 #include <vector>
 
 #include "../multilevel_roi_align.h"
@@ -280,9 +281,8 @@ at::Tensor multilevel_roi_align_forward_cpu(at::TensorList features, const at::T
   check_multilevel_roi_align_args(features, rois, levels, spatial_scales, pooled_height,
                                   pooled_width);
   const at::Tensor& f0 = features[0];
-  const auto acc = accumulate_type(f0.scalar_type());
-  const at::Tensor rois_acc = rois.to(acc).contiguous();
-  const at::Tensor levels64 = levels.to(at::kLong).contiguous();
+  at::Tensor rois_acc, levels64;  // no structured binding: lambdas capture them (C++17)
+  std::tie(rois_acc, levels64) = prepare_rois(rois, levels, f0.scalar_type());
   check_roi_values_cpu(rois_acc, levels64, f0.size(0), static_cast<int64_t>(features.size()));
   at::Tensor out = at::empty({rois.size(0), f0.size(1), pooled_height, pooled_width},
                              f0.options().memory_format(at::MemoryFormat::Contiguous));
@@ -305,15 +305,12 @@ std::vector<at::Tensor> multilevel_roi_align_backward_cpu(
     bool deterministic) {
   check_multilevel_roi_align_backward_args(grad, rois, levels, spatial_scales, batch_size,
                                            channels, heights, widths);
-  const auto acc = accumulate_type(grad.scalar_type());
-  const at::Tensor rois_acc = rois.to(acc).contiguous();
-  const at::Tensor levels64 = levels.to(at::kLong).contiguous();
+  at::Tensor rois_acc, levels64;  // no structured binding: lambdas capture them (C++17)
+  std::tie(rois_acc, levels64) = prepare_rois(rois, levels, grad.scalar_type());
   const int64_t L = static_cast<int64_t>(heights.size());
   check_roi_values_cpu(rois_acc, levels64, batch_size, L);
-  std::vector<at::Tensor> acc_grads;
-  for (int64_t l = 0; l < L; ++l)
-    acc_grads.push_back(at::zeros({batch_size, channels, heights[l], widths[l]},
-                                  grad.options().dtype(acc)));
+  std::vector<at::Tensor> acc_grads =
+      zero_level_grads(grad, batch_size, channels, heights, widths);
   if (grad.numel() > 0) {
     std::vector<double> scales(spatial_scales.begin(), spatial_scales.end());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
@@ -329,9 +326,7 @@ std::vector<at::Tensor> multilevel_roi_align_backward_cpu(
                                                acc_grads);
     });
   }
-  if (acc != grad.scalar_type())
-    for (auto& t : acc_grads) t = t.to(grad.scalar_type());
-  return acc_grads;
+  return cast_level_grads(std::move(acc_grads), grad.scalar_type());
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include "../multilevel_roi_align.h"
@@ -57,6 +58,21 @@ __device__ __forceinline__ int64_t level_of(const int64_t* levels, int64_t k, in
   return (l >= 0 && l < num_levels) ? l : -1;
 }
 
+// Position (k, c, y, x) of flat output index idx of a [K, C, ph, pw] tensor.
+struct OutputIndex {
+  int64_t k, c;
+  int y, x;
+};
+
+__device__ __forceinline__ OutputIndex output_index(int64_t idx, int64_t C, int ph, int pw) {
+  OutputIndex o;
+  o.x = idx % pw;
+  o.y = (idx / pw) % ph;
+  o.c = (idx / (pw * ph)) % C;
+  o.k = idx / (int64_t(pw) * ph * C);
+  return o;
+}
+
 inline int blocks_for(int64_t n) {
   return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20));
 }
@@ -69,10 +85,7 @@ __global__ void forward_kernel(LevelTable<T> lv, const acc_t* __restrict__ rois,
   const int64_t total = K * C * ph * pw;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
        idx += int64_t(blockDim.x) * gridDim.x) {
-    const int x = idx % pw;
-    const int y = (idx / pw) % ph;
-    const int64_t c = (idx / (pw * ph)) % C;
-    const int64_t k = idx / (int64_t(pw) * ph * C);
+    const auto [k, c, y, x] = output_index(idx, C, ph, pw);
     const acc_t* roi = rois + 5 * k;
     const int64_t b = batch_of(roi, num_images);
     const int64_t l = level_of(levels, k, lv.num_levels);
@@ -99,10 +112,7 @@ __global__ void backward_atomic_kernel(GradTable<acc_t> gt, const T* __restrict_
   const int64_t total = K * C * ph * pw;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
        idx += int64_t(blockDim.x) * gridDim.x) {
-    const int x = idx % pw;
-    const int y = (idx / pw) % ph;
-    const int64_t c = (idx / (pw * ph)) % C;
-    const int64_t k = idx / (int64_t(pw) * ph * C);
+    const auto [k, c, y, x] = output_index(idx, C, ph, pw);
     const acc_t* roi = rois + 5 * k;
     const int64_t b = batch_of(roi, num_images);
     const int64_t l = level_of(levels, k, gt.num_levels);
@@ -207,9 +217,8 @@ at::Tensor multilevel_roi_align_forward_cuda(at::TensorList features, const at::
                                   pooled_width);
   const at::Tensor& f0 = features[0];
   c10::cuda::CUDAGuard guard(f0.device());
-  const auto acc = accumulate_type(f0.scalar_type());
-  const at::Tensor rois_acc = rois.to(acc).contiguous();
-  const at::Tensor levels64 = levels.to(at::kLong).contiguous();
+  at::Tensor rois_acc, levels64;  // no structured binding: lambdas capture them (C++17)
+  std::tie(rois_acc, levels64) = prepare_rois(rois, levels, f0.scalar_type());
   const int64_t K = rois.size(0), C = f0.size(1);
   at::Tensor out = at::empty({K, C, pooled_height, pooled_width},
                              f0.options().memory_format(at::MemoryFormat::Contiguous));
@@ -248,14 +257,11 @@ std::vector<at::Tensor> multilevel_roi_align_backward_cuda(
   check_multilevel_roi_align_backward_args(grad, rois, levels, spatial_scales, batch_size,
                                            channels, heights, widths);
   c10::cuda::CUDAGuard guard(grad.device());
-  const auto acc = accumulate_type(grad.scalar_type());
-  const at::Tensor rois_acc = rois.to(acc).contiguous();
-  const at::Tensor levels64 = levels.to(at::kLong).contiguous();
+  at::Tensor rois_acc, levels64;  // no structured binding: lambdas capture them (C++17)
+  std::tie(rois_acc, levels64) = prepare_rois(rois, levels, grad.scalar_type());
   const int L = static_cast<int>(heights.size());
-  std::vector<at::Tensor> acc_grads;
-  for (int l = 0; l < L; ++l)
-    acc_grads.push_back(at::zeros({batch_size, channels, heights[l], widths[l]},
-                                  grad.options().dtype(acc)));
+  std::vector<at::Tensor> acc_grads =
+      zero_level_grads(grad, batch_size, channels, heights, widths);
   const int64_t K = rois.size(0);
   const int ph = static_cast<int>(grad.size(2)), pw = static_cast<int>(grad.size(3));
   if (grad.numel() > 0 && batch_size > 0) {
@@ -290,9 +296,7 @@ std::vector<at::Tensor> multilevel_roi_align_backward_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  if (acc != grad.scalar_type())
-    for (auto& t : acc_grads) t = t.to(grad.scalar_type());
-  return acc_grads;
+  return cast_level_grads(std::move(acc_grads), grad.scalar_type());
 }
 
 }  // namespace

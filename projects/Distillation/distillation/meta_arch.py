@@ -41,6 +41,9 @@ class DistillationRCNN(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
+        if cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON:
+            raise ValueError("DistillationRCNN distils Faster R-CNN: MODEL.MASK_ON and "
+                             "MODEL.KEYPOINT_ON are not supported")
         self.student = GeneralizedRCNN(cfg)
         teacher, tcfg = build_teacher(cfg)
         self.teacher = teacher
@@ -126,7 +129,6 @@ class DistillationRCNN(nn.Module):
         fg_idx = self._grouped(is_fg, image_of)
         bg_idx = self._grouped(~is_fg, image_of)
 
-        need_bg = d.BG_NODE_LOSS_ON or (d.EDGE_LOSS_ON and d.BG_MINING_ON)
         need_t_logits = d.ROI_CLS_KD_ON or d.ROI_REG_KD_ON or (d.EDGE_LOSS_ON and d.BG_MINING_ON)
         with torch.no_grad():
             t_pooled = self.teacher_pooler([t_features[f] for f in self.teacher_in_features],
@@ -142,7 +144,7 @@ class DistillationRCNN(nn.Module):
         if d.FG_NODE_LOSS_ON:
             kd["loss_dsig_fg_node"] = L.fg_node_loss(s_flat[fg_idx], t_flat[fg_idx], n_fg,
                                                      d.FG_NODE_LOSS_WEIGHT, c)
-        if d.BG_NODE_LOSS_ON and need_bg:
+        if d.BG_NODE_LOSS_ON:
             a = (L.adaptive_bg_weights(n_fg, n_bg, d.BG_WEIGHT_ALPHA) if d.BG_ADAPTIVE_WEIGHT_ON
                  else [1.0] * len(counts))
             kd["loss_dsig_bg_node"] = L.bg_node_loss(s_flat[bg_idx], t_flat[bg_idx], n_bg, a,
