@@ -30,8 +30,6 @@ IMAGE_HW = (800, 1333)
 CHANNELS = 256
 
 
-
-
 def timeit(fn, device, warmup, repeat):
     for _ in range(warmup):
         fn()

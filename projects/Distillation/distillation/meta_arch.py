@@ -129,14 +129,18 @@ class DistillationRCNN(nn.Module):
         fg_idx = self._grouped(is_fg, image_of)
         bg_idx = self._grouped(~is_fg, image_of)
 
-        need_t_logits = d.ROI_CLS_KD_ON or d.ROI_REG_KD_ON or (d.EDGE_LOSS_ON and d.BG_MINING_ON)
+        roi_kd = d.ROI_CLS_KD_ON or d.ROI_REG_KD_ON
+        mining = d.EDGE_LOSS_ON and d.BG_MINING_ON
         with torch.no_grad():
             t_pooled = self.teacher_pooler([t_features[f] for f in self.teacher_in_features],
                                            boxes)
-            t_scores = t_deltas = None
-            if need_t_logits:
-                th = self.teacher.roi_heads
+            th = self.teacher.roi_heads
+            t_scores = t_deltas = t_bg_scores = None
+            if roi_kd:  # the teacher classifies every sampled RoI
                 t_scores, t_deltas = th.box_predictor(th.box_head(t_pooled))
+                t_bg_scores = t_scores[bg_idx]
+            elif mining:  # only the bg RoIs, for mining
+                t_bg_scores = th.box_predictor(th.box_head(t_pooled[bg_idx]))[0]
 
         c = L.image_reduction_factor(num_images, d.IMAGE_REDUCTION, d.REFERENCE_IMAGES)
         s_flat, t_flat = pooled.flatten(1), t_pooled.flatten(1)
@@ -150,8 +154,8 @@ class DistillationRCNN(nn.Module):
             kd["loss_dsig_bg_node"] = L.bg_node_loss(s_flat[bg_idx], t_flat[bg_idx], n_bg, a,
                                                      d.BG_NODE_LOSS_WEIGHT, c)
         if d.EDGE_LOSS_ON:
-            if d.BG_MINING_ON:
-                mined = L.mine_background(t_scores[bg_idx], self.num_classes,
+            if mining:
+                mined = L.mine_background(t_bg_scores, self.num_classes,
                                           d.BG_MINING_THRESHOLD, n_bg, d.BG_MINING_MAX)
             else:
                 mined = torch.zeros(len(bg_idx), dtype=torch.bool, device=bg_idx.device)
