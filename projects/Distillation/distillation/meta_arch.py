@@ -63,6 +63,26 @@ class DistillationRCNN(nn.Module):
         self.teacher_in_features = tcfg.MODEL.ROI_HEADS.IN_FEATURES
         # set again by DistillationCheckpointer when a checkpoint brings teacher.* weights
         self.teacher_weights_loaded = bool(cfg.DISTILL.TEACHER.WEIGHTS)
+        self.record_graph, self.last_graph = False, None
+
+    @torch.no_grad()
+    def instance_graphs(self, batched_inputs: List[Dict]) -> Dict:
+        """The instance graphs of one training step on these inputs (with annotations): node
+        boxes per image ([fg ; mined bg]), their counts and the student / teacher node features."""
+        from detectron2.utils.events import EventStorage
+
+        mode = self.training
+        self.train()
+        self.record_graph = True
+        try:
+            with EventStorage():
+                self(batched_inputs)
+        finally:
+            self.record_graph = False
+            self.train(mode)
+        if self.last_graph is None:
+            raise RuntimeError("DISTILL.EDGE_LOSS_ON is off: there is no instance graph")
+        return self.last_graph
 
     @staticmethod
     def _check_compatible(cfg, tcfg):
@@ -164,6 +184,11 @@ class DistillationRCNN(nn.Module):
             kd["loss_dsig_edge"] = L.edge_loss(s_flat[node_idx], t_flat[node_idx], node_counts,
                                                d.EDGE_LOSS_WEIGHT, c, self.backend,
                                                d.EDGE_ZERO_DEAD_ROWS)
+            if self.record_graph:  # for tools/visualize_graph.py
+                all_boxes = torch.cat([b.tensor for b in boxes])
+                self.last_graph = {"boxes": all_boxes[node_idx].detach(), "counts": node_counts,
+                                   "n_fg": n_fg, "student": s_flat[node_idx].detach(),
+                                   "teacher": t_flat[node_idx]}
         if d.ROI_CLS_KD_ON:
             kd["loss_dsig_roi_cls"] = L.roi_cls_kd_loss(predictions[0], t_scores,
                                                         d.ROI_CLS_KD_TEMPERATURE,
