@@ -36,7 +36,9 @@ PRESETS = {
                           # a few iterations from scratch: keep every detection so AP is defined
                           "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]),
     # meant to finish within 30 minutes on a 2-core CPU
-    "quick": Preset(600, 150, [192, 256], 900, 500),
+    "quick": Preset(600, 150, [160, 224], 1000, 600, batch=2,
+                    extra=["INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MAX_SIZE_TRAIN", "224",
+                           "INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "224"]),
     # firmer numbers
     "full": Preset(3000, 500, [192, 256], 6000, 4000),
 }
