@@ -105,10 +105,21 @@ def _train(config: str, opts: List[str], output_dir: str, distill: bool) -> Dict
     if not metrics:
         metrics = trainer.test(cfg, trainer.model)
     result = {"bbox": metrics["bbox"], "train_seconds": train_seconds,
-              "seconds_per_iter": train_seconds / max(1, cfg.SOLVER.MAX_ITER)}
+              "seconds_per_iter": seconds_per_iter(output_dir)
+              or train_seconds / max(1, cfg.SOLVER.MAX_ITER)}
     with open(result_file, "w") as f:
         json.dump(result, f, indent=2)
     return result
+
+
+def seconds_per_iter(output_dir: str) -> Optional[float]:
+    """Mean training-step time logged by detectron2 (evaluation excluded)."""
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        times = [r["time"] for r in map(json.loads, f) if "time" in r]
+    return sum(times) / len(times) if times else None
 
 
 def loss_curve(output_dir: str) -> List[Dict]:
@@ -185,9 +196,17 @@ def write_report(output: str, preset_name: str, seed: int, preset: Preset,
 
     import torch
 
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+
     ap = {k: v["bbox"]["AP"] for k, v in results.items()}
     report = {"preset": preset_name, "seed": seed, "preset_settings": asdict(preset),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "machine": (torch.cuda.get_device_name() if torch.cuda.is_available()
+                          else f"{cpu}, {os.cpu_count()} cores"),
               "torch": torch.__version__,
               "results": {k: {"bbox": v["bbox"], "seconds_per_iter": v["seconds_per_iter"]}
                           for k, v in results.items()},
