@@ -1,7 +1,6 @@
 """Moving over from the original DSIG repository: configs in its key vocabulary (KD.*, the
 TEACHER tree, its registry names), its merged checkpoints, and safe YAML loading."""
 import logging
-import os
 import textwrap
 
 import numpy as np
