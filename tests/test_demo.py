@@ -15,20 +15,54 @@ def test_gap_recovered():
     assert demo.gap_recovered(30.0, 30.0, 31.0) is None
 
 
+def _fake_results(ap_by_seed):
+    return {seed: {name: {"bbox": {"AP": ap, "AP50": 2 * ap, "AP75": ap, "APs": float("nan"),
+                                   "APm": ap, "APl": ap},
+                          "seconds_per_iter": 0.5, "threads": 2}
+                   for name, ap in aps.items()}
+            for seed, aps in ap_by_seed.items()}
+
+
+def test_summary_over_seeds():
+    results = _fake_results({0: {"teacher": 10.0, "baseline": 6.0, "dsig": 9.0},
+                             1: {"teacher": 12.0, "baseline": 6.0, "dsig": 8.0}})
+    summary = demo.summarize(results)
+    assert summary["mean"]["dsig"]["bbox"]["AP"] == pytest.approx(8.5)
+    assert math.isnan(summary["mean"]["dsig"]["bbox"]["APs"])
+    # gap from the mean APs (11 - 6 = 5, recovered 2.5), not the mean of per-seed ratios
+    assert summary["gap_recovered"]["dsig"] == pytest.approx(0.5)
+    assert summary["per_seed"]["0"]["gap_recovered"]["dsig"] == pytest.approx(0.75)
+    assert summary["per_seed"]["1"]["gap_recovered"]["dsig"] == pytest.approx(1 / 3)
+
+
+def test_report_over_seeds(tmp_path):
+    results = _fake_results({3: {"teacher": 10.0, "baseline": 6.0, "dsig": 9.0},
+                             4: {"teacher": 12.0, "baseline": 6.0, "dsig": 8.0}})
+    report = demo.write_report(str(tmp_path), "quick", demo.PRESETS["quick"], results)
+    assert report["seeds"] == [3, 4]
+    text = (tmp_path / "report.md").read_text()
+    assert "seeds 3, 4" in text and "9.00 / 8.00" in text and "**0.50** (0.75, 0.33)" in text
+    assert os.path.isfile(tmp_path / "ap.png") and os.path.isfile(tmp_path / "loss.png")
+    with pytest.raises(ValueError, match="distinct"):
+        demo.run(str(tmp_path), "tiny", seeds=[1, 1])
+
+
 def test_tiny_demo_pipeline(tmp_path):
-    report = demo.run(str(tmp_path), "tiny", seed=0, ablation=True)
+    report = demo.run(str(tmp_path), "tiny", seeds=0, ablation=True)
     for name in ("report.md", "report.json", "ap.png", "loss.png", "graph.png"):
         assert os.path.isfile(tmp_path / name), name
     with open(tmp_path / "report.json") as f:
         saved = json.load(f)
     assert saved == json.loads(json.dumps(report))
-    assert set(saved["results"]) == {"teacher", "baseline", "dsig", "dsig-edges", "dsig-edges-fg"}
-    for r in saved["results"].values():
+    runs = saved["per_seed"]["0"]["results"]
+    assert set(runs) == {"teacher", "baseline", "dsig", "dsig-edges", "dsig-edges-fg"}
+    assert set(saved["gap_recovered"]) == {"dsig", "dsig-edges", "dsig-edges-fg"}
+    for r in runs.values():
         assert isinstance(r["bbox"]["AP"], float) and not math.isnan(r["bbox"]["AP"])
-        assert r["seconds_per_iter"] > 0
+        assert r["seconds_per_iter"] > 0 and r["threads"] >= 1
     # a re-run skips every stage already done
     mtime = os.path.getmtime(tmp_path / "dsig-tiny-seed0" / "result.json")
-    demo.run(str(tmp_path), "tiny", seed=0, ablation=True)
+    demo.run(str(tmp_path), "tiny", seeds=[0], ablation=True)
     assert os.path.getmtime(tmp_path / "dsig-tiny-seed0" / "result.json") == mtime
 
     # the graph view on its own: an image panel and three matrix panels

@@ -2,8 +2,10 @@
 """The offline DSIG demo: a teacher, a baseline student and a DSIG student trained on generated
 shapes, evaluated with COCO metrics, and a report (report.md / report.json / plots).
 
-Usage: python projects/Distillation/run_demo.py [--preset tiny|quick|full] [--seed N]
+Usage: python projects/Distillation/run_demo.py [--preset tiny|quick|full] [--seeds N [N ...]]
        [--ablation] [--output DIR]
+
+With several seeds the report gives each seed's numbers and their mean.
 """
 import argparse
 import logging
@@ -20,7 +22,8 @@ from distillation import demo  # noqa: E402
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="quick", choices=sorted(demo.PRESETS))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", "--seed", type=int, nargs="+", default=[0],
+                   help="one or more seeds (data and initialisation); the report averages them")
     p.add_argument("--ablation", action="store_true",
                    help="also train edges-only and edges+fg-nodes DSIG students")
     p.add_argument("--output", default=os.path.join("output", "demo"))
@@ -28,7 +31,7 @@ def main():
     a = p.parse_args()
     setup_logger(name="detectron2").setLevel(logging.INFO)
     setup_logger(name="distillation")
-    report = demo.run(a.output, a.preset, a.seed, a.ablation, a.backend)
+    report = demo.run(a.output, a.preset, a.seeds, a.ablation, a.backend)
     print(open(os.path.join(a.output, "report.md")).read())
     return report
 

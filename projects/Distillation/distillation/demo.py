@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Union
 
 from . import synthetic
 
@@ -27,6 +27,9 @@ class Preset:
     extra: List[str] = field(default_factory=list)
 
 
+_INPUT_160x224 = ["INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MAX_SIZE_TRAIN", "224",
+                  "INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "224"]
+
 PRESETS = {
     # seconds-scale pipeline check (tests)
     "tiny": Preset(12, 6, [96, 128], 8, 6, batch=2,
@@ -36,11 +39,9 @@ PRESETS = {
                           # a few iterations from scratch: keep every detection so AP is defined
                           "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]),
     # meant to finish within 30 minutes on a 2-core CPU
-    "quick": Preset(600, 150, [160, 224], 1000, 600, batch=2,
-                    extra=["INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MAX_SIZE_TRAIN", "224",
-                           "INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "224"]),
-    # firmer numbers
-    "full": Preset(3000, 500, [192, 256], 6000, 4000),
+    "quick": Preset(600, 150, [160, 224], 1000, 600, batch=2, extra=_INPUT_160x224),
+    # firmer numbers: 2.5x the data, twice the schedule and the validation images of quick
+    "full": Preset(1500, 300, [160, 224], 2000, 1200, batch=2, extra=_INPUT_160x224),
 }
 
 ABLATION = {  # the paper's order: edges only, + fg nodes, + bg nodes (= full DSIG)
@@ -77,6 +78,7 @@ def generate_data(root: str, preset: Preset, seed: int) -> Dict[str, str]:
 
 def _train(config: str, opts: List[str], output_dir: str, distill: bool) -> Dict:
     """Train (or reuse) one model; returns its evaluation and timing."""
+    import torch
     from detectron2.engine import DefaultTrainer
     from detectron2.evaluation import COCOEvaluator
 
@@ -105,6 +107,7 @@ def _train(config: str, opts: List[str], output_dir: str, distill: bool) -> Dict
     if not metrics:
         metrics = trainer.test(cfg, trainer.model)
     result = {"bbox": metrics["bbox"], "train_seconds": train_seconds,
+              "threads": torch.get_num_threads(),
               "seconds_per_iter": seconds_per_iter(output_dir)
               or train_seconds / max(1, cfg.SOLVER.MAX_ITER)}
     with open(result_file, "w") as f:
@@ -140,129 +143,216 @@ def gap_recovered(teacher_ap: float, baseline_ap: float, dsig_ap: float) -> Opti
     return None if abs(gap) < 1e-9 else (dsig_ap - baseline_ap) / gap
 
 
-def run(output: str, preset_name: str = "quick", seed: int = 0, ablation: bool = False,
-        backend: str = "fused") -> Dict:
-    if preset_name not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}")
+def train_seed(output: str, preset_name: str, seed: int, ablation: bool = False,
+               backend: str = "fused", stage: int = 1, total: int = 0) -> Dict[str, Dict]:
+    """Data, teacher and students of one seed; returns each run's evaluation and loss curve."""
     preset = PRESETS[preset_name]
     runs = ["teacher", "baseline", "dsig"] + (list(ABLATION) if ablation else [])
-    total = 2 + len(runs)
+    total = total or 1 + len(runs)
     root = os.path.join(output, f"data-{preset_name}-seed{seed}")
-    _say(1, total, f"procedural dataset ({preset.train_images} train / {preset.val_images} val "
-                   f"images of {preset.image_size[0]}x{preset.image_size[1]})")
+    _say(stage, total, f"seed {seed}: procedural dataset ({preset.train_images} train / "
+                       f"{preset.val_images} val images of {preset.image_size[0]}x"
+                       f"{preset.image_size[1]})")
     data = generate_data(root, preset, seed)
     common = ["DATASETS.TRAIN", f"('{data['train']}',)", "DATASETS.TEST", f"('{data['val']}',)",
               "SEED", str(seed), "DISTILL.BACKEND", backend] + preset.extra
     teacher_dir = os.path.join(output, f"teacher-{preset_name}-seed{seed}")
     results = {}
-    _say(2, total, f"teacher R50-FPN, {preset.teacher_iters} iterations (cached)")
+    _say(stage + 1, total, f"seed {seed}: teacher R50-FPN, {preset.teacher_iters} iterations "
+                           "(cached)")
     results["teacher"] = _train(os.path.join(CONFIG_DIR, "teacher-R50.yaml"),
                                 common + _solver(preset.teacher_iters, preset.batch),
                                 teacher_dir, distill=False)
+    results["teacher"]["loss_curve"] = loss_curve(teacher_dir)
     teacher_weights = os.path.join(teacher_dir, "model_final.pth")
     student_opts = common + _solver(preset.student_iters, preset.batch)
-    for k, name in enumerate(runs[1:], start=3):
+    for k, name in enumerate(runs[1:], start=stage + 2):
         out = os.path.join(output, f"{name}-{preset_name}-seed{seed}")
         if name == "baseline":
-            _say(k, total, f"baseline student R18-FPN, {preset.student_iters} iterations")
+            _say(k, total, f"seed {seed}: baseline student R18-FPN, {preset.student_iters} "
+                           "iterations")
             results[name] = _train(os.path.join(CONFIG_DIR, "student-R18.yaml"), student_opts,
                                    out, distill=False)
         else:
-            _say(k, total, f"{name} student R18-FPN with the teacher, "
+            _say(k, total, f"seed {seed}: {name} student R18-FPN with the teacher, "
                            f"{preset.student_iters} iterations")
             opts = student_opts + ["DISTILL.TEACHER.WEIGHTS", teacher_weights]
             results[name] = _train(os.path.join(CONFIG_DIR, "dsig-R18-R50.yaml"),
                                    opts + ABLATION.get(name, []), out, distill=True)
         results[name]["loss_curve"] = loss_curve(out)
-    results["teacher"]["loss_curve"] = loss_curve(teacher_dir)
+    return results
+
+
+def run(output: str, preset_name: str = "quick", seeds: Union[int, Sequence[int]] = (0,),
+        ablation: bool = False, backend: str = "fused") -> Dict:
+    """The whole demo for one or more seeds; the report averages over the seeds."""
+    if preset_name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}")
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+    preset = PRESETS[preset_name]
+    per_seed_stages = 3 + 1 + (len(ABLATION) if ablation else 0)  # data, 3 or 5 runs
+    total = per_seed_stages * len(seeds) + 1
+    results = {seed: train_seed(output, preset_name, seed, ablation, backend,
+                                stage=1 + i * per_seed_stages, total=total)
+               for i, seed in enumerate(seeds)}
     _say(total, total, "report and instance-graph view")
     graph_png = os.path.join(output, "graph.png")
     if not os.path.isfile(graph_png):
         from .graph_view import visualize
 
+        seed = seeds[0]
+        root = os.path.join(output, f"data-{preset_name}-seed{seed}")
         val_json = os.path.join(root, "val.json")
-        first = json.load(open(val_json))["images"][0]["file_name"]
+        with open(val_json) as f:
+            first = json.load(f)["images"][0]["file_name"]
         visualize(os.path.join(CONFIG_DIR, "dsig-R18-R50.yaml"), os.path.join(root, "val", first),
                   val_json, graph_png,
                   weights=os.path.join(output, f"dsig-{preset_name}-seed{seed}", "model_final.pth"),
-                  opts=student_opts + ["DISTILL.TEACHER.ALLOW_RANDOM_INIT", "True"])
-    report = write_report(output, preset_name, seed, preset, results)
-    return report
+                  opts=preset.extra + ["DISTILL.TEACHER.ALLOW_RANDOM_INIT", "True"])
+    return write_report(output, preset_name, preset, results)
 
 
-def write_report(output: str, preset_name: str, seed: int, preset: Preset,
-                 results: Dict) -> Dict:
+METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+
+
+def _mean(values: List[float]) -> float:
+    values = [v for v in values if v == v]  # NaN: no object of that size in a split
+    return sum(values) / len(values) if values else float("nan")
+
+
+def summarize(results: Dict[int, Dict[str, Dict]]) -> Dict:
+    """Per-seed and seed-averaged metrics, and the gap each DSIG variant recovers."""
+    names = list(next(iter(results.values())))
+    mean = {name: {"bbox": {k: _mean([r[name]["bbox"].get(k, float("nan"))
+                                      for r in results.values()]) for k in METRICS},
+                   "seconds_per_iter": _mean([r[name]["seconds_per_iter"]
+                                              for r in results.values()])}
+            for name in names}
+    variants = [n for n in names if n.startswith("dsig")]
+
+    def gaps(ap: Dict[str, float]) -> Dict[str, Optional[float]]:
+        return {n: gap_recovered(ap["teacher"], ap["baseline"], ap[n]) for n in variants}
+
+    return {
+        "per_seed": {str(seed): {
+            "results": {n: {"bbox": v["bbox"], "seconds_per_iter": v["seconds_per_iter"],
+                            "threads": v.get("threads")} for n, v in r.items()},
+            "gap_recovered": gaps({n: v["bbox"]["AP"] for n, v in r.items()})}
+            for seed, r in results.items()},
+        "mean": mean,
+        # from the seed-averaged APs: a per-seed ratio of small gaps is noisy
+        "gap_recovered": gaps({n: v["bbox"]["AP"] for n, v in mean.items()}),
+    }
+
+
+def _machine() -> str:
     import platform
 
     import torch
 
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    return f"{cpu}, {os.cpu_count()} cores"
 
-    ap = {k: v["bbox"]["AP"] for k, v in results.items()}
-    report = {"preset": preset_name, "seed": seed, "preset_settings": asdict(preset),
-              "machine": (torch.cuda.get_device_name() if torch.cuda.is_available()
-                          else f"{cpu}, {os.cpu_count()} cores"),
-              "torch": torch.__version__,
-              "results": {k: {"bbox": v["bbox"], "seconds_per_iter": v["seconds_per_iter"]}
-                          for k, v in results.items()},
-              "gap_recovered": gap_recovered(ap["teacher"], ap["baseline"], ap["dsig"])}
+
+def write_report(output: str, preset_name: str, preset: Preset,
+                 results: Dict[int, Dict[str, Dict]]) -> Dict:
+    import torch
+
+    seeds = list(results)
+    report = {"preset": preset_name, "seeds": seeds, "preset_settings": asdict(preset),
+              "machine": _machine(), "torch": torch.__version__, **summarize(results)}
     with open(os.path.join(output, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
-    keys = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
-    lines = [f"# DSIG demo report ({preset_name} preset, seed {seed})", "",
-             f"- machine: {report['machine']}, torch {report['torch']}",
-             f"- data: {preset.train_images} train / {preset.val_images} val generated images",
-             f"- teacher {preset.teacher_iters} iterations, students {preset.student_iters}", "",
-             "| model | " + " | ".join(keys) + " | s/iter |",
-             "|---|" + "---:|" * (len(keys) + 1)]
-    for name, v in results.items():
-        row = " | ".join(f"{v['bbox'].get(k, float('nan')):.2f}" for k in keys)
-        lines.append(f"| {name} | {row} | {v['seconds_per_iter']:.3f} |")
-    g = report["gap_recovered"]
-    lines += ["", "Fraction of the teacher-baseline AP gap recovered by DSIG: "
-              + ("n/a (no gap)" if g is None else f"{g:.2f}"), "",
-              "![AP](ap.png)", "", "![training loss](loss.png)", "",
-              "Instance graph of the DSIG student on a validation image (nodes; teacher and "
-              "student edge matrices; their difference):", "", "![instance graph](graph.png)", ""]
+    seed_text = ", ".join(map(str, seeds))
+    threads = sorted({v["threads"] for r in report["per_seed"].values()
+                      for v in r["results"].values() if v["threads"]})
+    lines = [f"# DSIG demo report ({preset_name} preset, seed{'s' if len(seeds) > 1 else ''} "
+             f"{seed_text})", "",
+             f"- machine: {report['machine']}, torch {report['torch']}"
+             + (f"; training ran with {'/'.join(map(str, threads))} torch thread(s) per run"
+                if threads else ""),
+             f"- data per seed: {preset.train_images} train / {preset.val_images} val generated "
+             f"images of {preset.image_size[0]}x{preset.image_size[1]}",
+             f"- teacher R50-FPN {preset.teacher_iters} iterations, students R18-FPN "
+             f"{preset.student_iters}, batch {preset.batch}", ""]
+    if len(seeds) > 1:
+        lines += [f"Mean over seeds {seed_text}; the last column lists AP per seed.", ""]
+    lines += ["| model | " + " | ".join(METRICS) + " | s/iter |"
+              + (" AP per seed |" if len(seeds) > 1 else ""),
+              "|---|" + "---:|" * (len(METRICS) + 1) + ("---|" if len(seeds) > 1 else "")]
+    for name, v in report["mean"].items():
+        row = " | ".join(f"{v['bbox'][k]:.2f}" for k in METRICS)
+        per_seed = " / ".join(f"{r['results'][name]['bbox']['AP']:.2f}"
+                              for r in report["per_seed"].values())
+        lines.append(f"| {name} | {row} | {v['seconds_per_iter']:.3f} |"
+                     + (f" {per_seed} |" if len(seeds) > 1 else ""))
+
+    def fmt(g: Optional[float]) -> str:
+        return "n/a (no gap)" if g is None else f"{g:.2f}"
+
+    lines += ["", "Fraction of the teacher-baseline AP gap recovered"
+              + (" (from the seed-averaged AP; per seed in brackets):" if len(seeds) > 1
+                 else ":"), ""]
+    for name, g in report["gap_recovered"].items():
+        per_seed = ", ".join(fmt(r["gap_recovered"][name]) for r in report["per_seed"].values())
+        lines.append(f"- {name}: **{fmt(g)}**" + (f" ({per_seed})" if len(seeds) > 1 else ""))
+    lines += ["", "![AP](ap.png)", "", "![training loss](loss.png)", "",
+              f"Instance graph of the DSIG student (seed {seeds[0]}) on a validation image "
+              "(nodes; teacher and student edge matrices; their difference):", "",
+              "![instance graph](graph.png)", ""]
     with open(os.path.join(output, "report.md"), "w") as f:
         f.write("\n".join(lines))
-    _plots(output, results)
+    _plots(output, report, results)
     return report
 
 
-def _plots(output: str, results: Dict) -> None:
+def _plots(output: str, report: Dict, results: Dict[int, Dict[str, Dict]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    def finite(x: float) -> float:
+        return 0.0 if x != x else x  # NaN (no object of a size) -> 0
+
+    names = list(report["mean"])
+    colors = {n: f"C{i}" for i, n in enumerate(names)}
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    width = 0.8 / len(results)
-    for i, (name, v) in enumerate(results.items()):
-        vals = [v["bbox"].get(k, 0.0) for k in keys]
-        vals = [0.0 if x != x else x for x in vals]  # NaN (no object of a size) -> 0
-        ax.bar([j + i * width for j in range(len(keys))], vals, width, label=name)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], keys)
-    ax.set_ylabel("COCO AP (%)")
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [j + i * width for j in range(len(METRICS))]
+        ax.bar(xs, [finite(report["mean"][name]["bbox"][k]) for k in METRICS], width,
+               label=name, color=colors[name])
+        if len(results) > 1:  # each seed as a dot on its bar
+            for r in report["per_seed"].values():
+                ax.plot(xs, [finite(r["results"][name]["bbox"].get(k, float("nan")))
+                             for k in METRICS], "k.", markersize=3)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(METRICS))], METRICS)
+    ax.set_ylabel("COCO AP (%)" + (", mean over seeds" if len(results) > 1 else ""))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(output, "ap.png"), dpi=100)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    for name, v in results.items():
-        curve = v.get("loss_curve") or []
-        if curve:
-            ax.plot([c["iteration"] for c in curve], [c["total_loss"] for c in curve],
-                    label=name)
+    for k, (seed, runs) in enumerate(results.items()):
+        for name, v in runs.items():
+            curve = v.get("loss_curve") or []
+            if curve:
+                ax.plot([c["iteration"] for c in curve], [c["total_loss"] for c in curve],
+                        color=colors[name], linestyle=["-", "--", ":", "-."][k % 4],
+                        linewidth=1, label=name if len(results) == 1 else f"{name} (seed {seed})")
     ax.set_xlabel("iteration")
     ax.set_ylabel("total training loss")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(os.path.join(output, "loss.png"), dpi=100)
     plt.close(fig)
