@@ -352,7 +352,8 @@ def _plots(output: str, report: Dict, results: Dict[int, Dict[str, Dict]]) -> No
                         linewidth=1, label=name if len(results) == 1 else f"{name} (seed {seed})")
     ax.set_xlabel("iteration")
     ax.set_ylabel("total training loss")
-    ax.legend(fontsize=7, ncol=2)
+    if ax.lines:
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(os.path.join(output, "loss.png"), dpi=100)
     plt.close(fig)
