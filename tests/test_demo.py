@@ -45,6 +45,8 @@ def test_report_over_seeds(tmp_path):
     assert os.path.isfile(tmp_path / "ap.png") and os.path.isfile(tmp_path / "loss.png")
     with pytest.raises(ValueError, match="distinct"):
         demo.run(str(tmp_path), "tiny", seeds=[1, 1])
+    with pytest.raises(ValueError, match="non-negative"):
+        demo.run(str(tmp_path), "tiny", seeds=[-1])
 
 
 def test_tiny_demo_pipeline(tmp_path):

@@ -143,11 +143,15 @@ def gap_recovered(teacher_ap: float, baseline_ap: float, dsig_ap: float) -> Opti
     return None if abs(gap) < 1e-9 else (dsig_ap - baseline_ap) / gap
 
 
+def _run_names(ablation: bool) -> List[str]:
+    return ["teacher", "baseline", "dsig"] + (list(ABLATION) if ablation else [])
+
+
 def train_seed(output: str, preset_name: str, seed: int, ablation: bool = False,
                backend: str = "fused", stage: int = 1, total: int = 0) -> Dict[str, Dict]:
     """Data, teacher and students of one seed; returns each run's evaluation and loss curve."""
     preset = PRESETS[preset_name]
-    runs = ["teacher", "baseline", "dsig"] + (list(ABLATION) if ablation else [])
+    runs = _run_names(ablation)
     total = total or 1 + len(runs)
     root = os.path.join(output, f"data-{preset_name}-seed{seed}")
     _say(stage, total, f"seed {seed}: procedural dataset ({preset.train_images} train / "
@@ -191,8 +195,11 @@ def run(output: str, preset_name: str = "quick", seeds: Union[int, Sequence[int]
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+    if any(not isinstance(s, int) or s < 0 for s in seeds):
+        # detectron2 reads a negative SEED as "random": the run would not be reproducible
+        raise ValueError(f"seeds must be non-negative integers, got {seeds}")
     preset = PRESETS[preset_name]
-    per_seed_stages = 3 + 1 + (len(ABLATION) if ablation else 0)  # data, 3 or 5 runs
+    per_seed_stages = 1 + len(_run_names(ablation))  # data, then each run
     total = per_seed_stages * len(seeds) + 1
     results = {seed: train_seed(output, preset_name, seed, ablation, backend,
                                 stage=1 + i * per_seed_stages, total=total)
