@@ -53,6 +53,23 @@ def assign_fpn_levels(boxes: torch.Tensor, min_level: int, max_level: int,
                                             float(canonical_box_size), int(canonical_level))
 
 
+def _check_same_device(features: Sequence[torch.Tensor], rois: torch.Tensor,
+                       levels: torch.Tensor) -> None:
+    """Device checks first: the value checks below must not mix devices themselves."""
+    device = features[0].device
+    for name, t in (("rois", rois), ("levels", levels)):
+        if isinstance(t, torch.Tensor) and t.device != device:
+            raise RuntimeError(f"multilevel_roi_align: {name} are on {t.device} but the features "
+                               f"are on {device}")
+
+
+def _checks_allowed(device: torch.device) -> bool:
+    """Value checks read data on the host; never while tracing or capturing a CUDA graph."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 def _check_roi_values(rois: torch.Tensor, levels: torch.Tensor, num_images: int,
                       num_levels: int) -> None:
     """Value checks the CUDA kernels cannot raise themselves (one host sync)."""
@@ -70,6 +87,22 @@ def _check_roi_values(rois: torch.Tensor, levels: torch.Tensor, num_images: int,
                          f"[0, {num_images})")
     if not levels_ok:
         raise ValueError(f"multilevel_roi_align: levels must be in [0, {num_levels})")
+
+
+def _check_offsets_values(op: str, offsets: torch.Tensor, num_rows: int) -> None:
+    """Offsets on a GPU, read back once (one host sync); host offsets are checked in C++ for
+    free. Same messages as the C++ checks."""
+    if offsets.dim() != 1 or offsets.shape[0] < 1 or offsets.device.type == "cpu":
+        return  # shapes are the op's to reject; host values are checked there
+    o = offsets.tolist()
+    if o[0] != 0:
+        raise RuntimeError(f"{op}: offsets must start at 0, got {o[0]}")
+    for g in range(1, len(o)):
+        if o[g] < o[g - 1]:
+            raise RuntimeError(f"{op}: offsets must be non-decreasing, but offsets[{g}] = "
+                               f"{o[g]} < offsets[{g - 1}] = {o[g - 1]}")
+    if o[-1] != num_rows:
+        raise RuntimeError(f"{op}: offsets must end at N = {num_rows}, got {o[-1]}")
 
 
 def multilevel_roi_align(features: Sequence[torch.Tensor],
@@ -92,7 +125,10 @@ def multilevel_roi_align(features: Sequence[torch.Tensor],
             ``torch.are_deterministic_algorithms_enabled()``. On CUDA it replaces the atomic
             scatter by an owner-computes gather; on the CPU (reproducible either way) it
             follows torchvision's summation order, bitwise equal to detectron2's ROIPooler.
-        check_inputs: verify finite boxes and index ranges (costs one host sync on GPU).
+        check_inputs: verify finite boxes and index ranges (one host sync on a GPU; skipped
+            while a CUDA graph is captured or torch.compile traces). With ``False`` the op never
+            syncs and is CUDA-graph capturable; unchecked bad values never read out of bounds
+            (such RoIs pool to zeros).
     Returns:
         [K, C, oh, ow], identical to ``torchvision.ops.roi_align`` of each RoI on its level.
     """
@@ -109,43 +145,58 @@ def multilevel_roi_align(features: Sequence[torch.Tensor],
                                               sampling_ratio, aligned)
     require_extension()
     scales = [float(s) for s in spatial_scales]
-    if (check_inputs and features[0].device.type != "cpu"  # the CPU kernel checks itself
-            and not torch.compiler.is_compiling()):
-        if rois.dim() == 2 and levels.dim() == 1:
-            _check_roi_values(rois, levels, features[0].shape[0], len(features))
+    device = features[0].device
+    _check_same_device(features, rois, levels)
+    if (check_inputs and device.type != "cpu"  # the CPU kernel checks itself
+            and _checks_allowed(device) and rois.dim() == 2 and levels.dim() == 1):
+        _check_roi_values(rois, levels, features[0].shape[0], len(features))
     return torch.ops.dsig.multilevel_roi_align(features, rois, levels, scales, oh, ow,
                                                int(sampling_ratio), bool(aligned),
                                                bool(deterministic))
 
 
 def cosine_edges(x: torch.Tensor, offsets: torch.Tensor, eps: float = 1e-12, *,
-                 zero_dead_rows: bool = False, backend=None) -> torch.Tensor:
+                 zero_dead_rows: bool = False, check_inputs: bool = True,
+                 backend=None) -> torch.Tensor:
     """Cosine-similarity edge matrices of the graphs of ``x`` [N, D]; graph g is rows
     ``offsets[g]:offsets[g+1]`` (int64 [G+1], 0 ... N).
 
     Returns a block-diagonal [N, N] tensor: block g is ``E_g = normalize(X_g) normalize(X_g)^T``
     (``F.normalize`` semantics, ``max(||x||, eps)``), zero between graphs; ``graph_blocks``
-    splits it. With ``zero_dead_rows`` rows of norm < eps get no gradient.
+    splits it. With ``zero_dead_rows`` rows of norm < eps get no gradient. ``offsets`` may live
+    on the CPU (checked for free, never copied) or on the features' GPU (``check_inputs`` then
+    reads them back once; see ``edge_mse_loss``).
     """
     if resolve(backend) == "reference":
         return reference.cosine_edges(x, offsets, eps, zero_dead_rows)
     require_extension()
+    if check_inputs and _checks_allowed(x.device):
+        _check_offsets_values("cosine_edges", offsets, x.shape[0] if x.dim() else 0)
     return torch.ops.dsig.cosine_edges(x, offsets, float(eps), bool(zero_dead_rows))
 
 
 def edge_mse_loss(student: torch.Tensor, teacher: torch.Tensor, offsets: torch.Tensor,
                   eps: float = 1e-12, *, zero_dead_rows: bool = False,
-                  backend=None) -> torch.Tensor:
+                  check_inputs: bool = True, backend=None) -> torch.Tensor:
     """DSIG edge loss ``sum_g 1/2 mean((E_t,g - E_s,g)^2)`` over all graphs in one call.
 
     ``student`` and ``teacher`` are [N, D] node features, graph g the rows
     ``offsets[g]:offsets[g+1]``; graphs of 0 or 1 nodes are valid. The backward is one product
-    per graph, ``dX = M X``, with M formed in the forward. Pass ``offsets`` on the CPU to avoid
-    a device-to-host copy when the features are on a GPU.
+    ``dX = M X`` over all graphs, with M formed in the forward.
+
+    On a GPU neither direction waits for the host when ``offsets`` is a CPU tensor (as DSIG
+    has it: the node counts are known on the host; they reach the kernels as launch arguments)
+    or when ``check_inputs=False``; the op is then CUDA-graph capturable (the captured graph keeps
+    the offsets it was captured with). Offsets on the GPU with ``check_inputs=True`` cost one
+    read-back to validate them. The products accumulate in fp32 (fp64 for float64) without
+    cuBLAS: ``allow_tf32`` does not change them, and they are bitwise reproducible.
     """
     if resolve(backend) == "reference":
         return reference.edge_mse_loss(student, teacher, offsets, eps, zero_dead_rows)
     require_extension()
+    if check_inputs and _checks_allowed(student.device):
+        _check_offsets_values("edge_mse_loss", offsets,
+                              student.shape[0] if student.dim() else 0)
     return torch.ops.dsig.edge_mse_loss(student, teacher, offsets, float(eps),
                                         bool(zero_dead_rows))
 

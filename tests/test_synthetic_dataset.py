@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-import distill_utils  # noqa: F401  (puts projects/Distillation on sys.path)
+pytest.importorskip("detectron2")  # the distillation package imports it
+import distill_utils  # noqa: E402,F401  (puts projects/Distillation on sys.path)
 from distillation import synthetic  # noqa: E402
 
 
@@ -27,6 +28,7 @@ def test_deterministic_for_a_seed(tmp_path):
 
 
 def test_valid_coco_with_variation(tmp_path):
+    pytest.importorskip("pycocotools")
     from pycocotools.coco import COCO
 
     path = synthetic.generate(str(tmp_path), "val", 40, image_size=(192, 256), seed=0)

@@ -37,6 +37,16 @@ DSIG_HD int sampling_grid(acc_t roi_size, int pooled, int sampling_ratio) {
   return g < acc_t(kMaxGrid) ? static_cast<int>(g) : kMaxGrid;
 }
 
+// v * scale - offset, rounded as torchvision rounds it on each device (see sample_coord).
+template <typename acc_t>
+DSIG_HD acc_t scaled_coord(acc_t v, acc_t scale, acc_t offset) {
+#if defined(__CUDA_ARCH__)
+  return fma(v, scale, -offset);
+#else
+  return v * scale - offset;
+#endif
+}
+
 // Box (x1, y1, x2, y2) in image coordinates -> bins and sampling grid on a level of `scale`.
 template <typename acc_t>
 DSIG_HD RoiGeometry<acc_t> roi_geometry(acc_t x1, acc_t y1, acc_t x2, acc_t y2, acc_t scale,
@@ -44,10 +54,10 @@ DSIG_HD RoiGeometry<acc_t> roi_geometry(acc_t x1, acc_t y1, acc_t x2, acc_t y2, 
                                         bool aligned) {
   const acc_t offset = aligned ? acc_t(0.5) : acc_t(0);
   RoiGeometry<acc_t> g;
-  g.start_w = x1 * scale - offset;
-  g.start_h = y1 * scale - offset;
-  const acc_t end_w = x2 * scale - offset;
-  const acc_t end_h = y2 * scale - offset;
+  g.start_w = scaled_coord(x1, scale, offset);
+  g.start_h = scaled_coord(y1, scale, offset);
+  const acc_t end_w = scaled_coord(x2, scale, offset);
+  const acc_t end_h = scaled_coord(y2, scale, offset);
   acc_t roi_w = end_w - g.start_w;
   acc_t roi_h = end_h - g.start_h;
   if (!aligned) {  // legacy RoIAlign forces malformed boxes to 1x1
@@ -63,11 +73,21 @@ DSIG_HD RoiGeometry<acc_t> roi_geometry(acc_t x1, acc_t y1, acc_t x2, acc_t y2, 
   return g;
 }
 
-// Coordinate of sample i of bin p (same operation order as torchvision).
+// Coordinate of sample i of bin p (same operation order as torchvision). Rounding follows
+// torchvision on each device: its CUDA kernel is built with nvcc's default -fmad=true, which
+// contracts start + p * bin into one FMA, so the GPU path writes that FMA out (independent of
+// compiler flags) and matches torchvision's and detectron2's GPU results; the CPU path rounds
+// the product and the sum separately, as torchvision's CPU kernel does (bitwise parity there).
+// float32 GPU and CPU results may therefore differ by the effect of 1 ulp in a coordinate.
 template <typename acc_t>
 DSIG_HD acc_t sample_coord(acc_t start, acc_t bin, int p, int i, int grid) {
+#if defined(__CUDA_ARCH__)
+  return fma(static_cast<acc_t>(p), bin, start) +
+         static_cast<acc_t>(i + .5f) * bin / static_cast<acc_t>(grid);
+#else
   return start + static_cast<acc_t>(p) * bin +
          static_cast<acc_t>(i + .5f) * bin / static_cast<acc_t>(grid);
+#endif
 }
 
 // Linear interpolation taps of one coordinate along one axis of length `size`.

@@ -1,4 +1,5 @@
-// CPU epilogues of the cosine-edge ops: plain loops over the diagonal blocks.
+// CPU backend of the cosine-edge ops: one BLAS product per graph (host offsets), plain loops
+// over the diagonal blocks for the elementwise stages.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -9,6 +10,60 @@
 namespace dsig {
 namespace ops {
 namespace {
+
+GraphLayout layout_cpu(const at::Tensor& offsets, int64_t num_rows, const at::Device& /*device*/,
+                       const char* op) {
+  GraphLayout layout;
+  layout.offsets = host_offsets(offsets, num_rows, op);
+  layout.ranges = host_ranges(layout.offsets, num_rows);
+  return layout;
+}
+
+at::Tensor gram_cpu(const at::Tensor& x, const GraphLayout& layout, at::ScalarType acc) {
+  const at::Tensor x_acc = x.to(acc);
+  const int64_t N = x_acc.size(0);
+  at::Tensor gram = at::zeros({N, N}, x_acc.options());
+  const auto& o = layout.offsets;
+  for (size_t g = 0; g + 1 < o.size(); ++g) {
+    const int64_t a = o[g], n = o[g + 1] - o[g];
+    if (n == 0) continue;
+    const at::Tensor xg = x_acc.narrow(0, a, n);
+    if (n < 64) {
+      at::Tensor block = gram.narrow(0, a, n).narrow(1, a, n);
+      at::mm_out(block, xg, xg.t());
+      continue;
+    }
+    // symmetric: [[P P^T, P Q^T], [(P Q^T)^T, Q Q^T]] costs 3/4 of one full product
+    const int64_t h = n / 2;
+    const at::Tensor p = xg.narrow(0, 0, h), q = xg.narrow(0, h, n - h);
+    at::Tensor top = gram.narrow(0, a, h), bottom = gram.narrow(0, a + h, n - h);
+    at::Tensor pp = top.narrow(1, a, h), pq = top.narrow(1, a + h, n - h);
+    at::Tensor qq = bottom.narrow(1, a + h, n - h);
+    at::mm_out(pp, p, p.t());
+    at::mm_out(pq, p, q.t());
+    at::mm_out(qq, q, q.t());
+    bottom.narrow(1, a, h).copy_(pq.t());
+  }
+  return gram;
+}
+
+at::Tensor factor_matmul_cpu(const at::Tensor& factor, const at::Tensor& x,
+                             const GraphLayout& layout, const at::Tensor& scale,
+                             at::ScalarType dtype) {
+  const at::Tensor x_acc = x.to(factor.scalar_type());
+  // every row belongs to a graph, so every row of dx is written
+  at::Tensor dx = at::empty_like(x_acc, at::MemoryFormat::Contiguous);
+  const auto& o = layout.offsets;
+  for (size_t g = 0; g + 1 < o.size(); ++g) {
+    const int64_t a = o[g], n = o[g + 1] - o[g];
+    if (n == 0) continue;
+    at::Tensor out = dx.narrow(0, a, n);
+    at::Tensor m = factor.narrow(0, a, n).narrow(1, a, n);
+    // scale the n x n factor, not the n x D product
+    at::mm_out(out, scale.defined() ? m * scale.to(m.scalar_type()) : m, x_acc.narrow(0, a, n));
+  }
+  return dx.to(dtype);
+}
 
 void normalize_cpu(at::Tensor& gram, const at::Tensor& ranges, double eps, at::Tensor& norms,
                    at::Tensor& live) {
@@ -97,24 +152,35 @@ void factor_cpu(at::Tensor& s, const at::Tensor& edges, const at::Tensor& ranges
   });
 }
 
-const EdgeEpilogue kCpuEpilogue{normalize_cpu, loss_and_grads_cpu, symmetrize_cpu, factor_cpu};
+const EdgeBackend kCpuBackend{layout_cpu,    gram_cpu,       factor_matmul_cpu, normalize_cpu,
+                               loss_and_grads_cpu, symmetrize_cpu, factor_cpu};
 
 at::Tensor cosine_edges_cpu(const at::Tensor& x, const at::Tensor& offsets, double eps,
                             bool /*zero_dead_rows: backward only*/) {
-  return cosine_edges_impl(kCpuEpilogue, x, offsets, eps);
+  check_cosine_edges_args(x, offsets, eps);
+  return cosine_edges_impl(kCpuBackend, x, offsets, eps);
 }
 
 at::Tensor cosine_edges_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
-                                     const at::Tensor& edges, const at::Tensor& offsets,
-                                     double eps, bool zero_dead_rows) {
-  return cosine_edges_backward_impl(kCpuEpilogue, grad, x, edges, offsets, eps, zero_dead_rows);
+                                     const at::Tensor& /*edges: recomputed*/,
+                                     const at::Tensor& offsets, double eps,
+                                     bool zero_dead_rows) {
+  check_cosine_edges_backward_args(grad, x, offsets);
+  return cosine_edges_backward_impl(kCpuBackend, grad, x, offsets, eps, zero_dead_rows);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_mse_loss_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& offsets, double eps,
     bool zero_dead_rows, bool student_grad, bool teacher_grad) {
-  return edge_mse_loss_forward_impl(kCpuEpilogue, student, teacher, offsets, eps, zero_dead_rows,
+  check_edge_mse_loss_args(student, teacher, offsets, eps);
+  return edge_mse_loss_forward_impl(kCpuBackend, student, teacher, offsets, eps, zero_dead_rows,
                                     student_grad, teacher_grad);
+}
+
+at::Tensor edge_factor_matmul_cpu(const at::Tensor& grad, const at::Tensor& factor,
+                                  const at::Tensor& x, const at::Tensor& offsets) {
+  check_edge_factor_matmul_args(grad, factor, x, offsets);
+  return edge_factor_matmul_impl(kCpuBackend, grad, factor, x, offsets);
 }
 
 }  // namespace
@@ -125,5 +191,5 @@ TORCH_LIBRARY_IMPL(dsig, CPU, m) {
   m.impl("cosine_edges", &dsig::ops::cosine_edges_cpu);
   m.impl("_cosine_edges_backward", &dsig::ops::cosine_edges_backward_cpu);
   m.impl("_edge_mse_loss_forward", &dsig::ops::edge_mse_loss_forward_cpu);
-  m.impl("_edge_factor_matmul", &dsig::ops::edge_factor_matmul_impl);
+  m.impl("_edge_factor_matmul", &dsig::ops::edge_factor_matmul_cpu);
 }
