@@ -16,3 +16,34 @@ def machine_name(device: str) -> str:
     except (OSError, StopIteration):
         pass
     return f"{model}, {os.cpu_count()} cores"
+
+
+def versions(device: str) -> dict:
+    """Versions a result depends on: torch, torchvision, and on CUDA the runtime and driver."""
+    import torch
+
+    out = {"torch": torch.__version__}
+    try:
+        import torchvision
+
+        out["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    if device == "cuda":
+        out["cuda"] = torch.version.cuda
+        out["gpu"] = torch.cuda.get_device_name()
+        out["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+        out["driver"] = gpu_driver_version()
+    return out
+
+
+def gpu_driver_version() -> str:
+    """The NVIDIA driver version from nvidia-smi, or 'unknown'."""
+    import subprocess
+
+    try:
+        run = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return run.stdout.strip().splitlines()[0] if run.returncode == 0 else "unknown"
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "unknown"

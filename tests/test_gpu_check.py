@@ -1,0 +1,108 @@
+"""The GPU check script's machine-independent logic: arguments, arch detection, the sanitizer
+probe, staging, the report, and the refusal on a machine without a GPU."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import CUDA, ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import gpu_check  # noqa: E402
+import roofline  # noqa: E402
+
+
+def test_arguments(tmp_path):
+    args = gpu_check.parse_args([str(tmp_path / "out")])
+    assert args.jobs == (os.cpu_count() or 1) and args.wheels is None and args.skip == []
+    args = gpu_check.parse_args([str(tmp_path), "--jobs", "3", "--skip", "sanitize", "bench"])
+    assert args.jobs == 3 and args.skip == ["sanitize", "bench"]
+    for bad in (["--jobs", "0"], ["--wheels", str(tmp_path / "missing")], ["--skip", "lint"]):
+        with pytest.raises(SystemExit):
+            gpu_check.parse_args([str(tmp_path), *bad])
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args([])
+
+
+def test_arch_list_from_capability():
+    assert gpu_check.arch_list((9, 0)) == "9.0"
+    assert gpu_check.arch_list((8, 6)) == "8.6"
+    assert gpu_check.arch_list((12, 0)) == "12.0"
+    with pytest.raises(ValueError, match="older"):
+        gpu_check.arch_list((3, 5))
+
+
+def test_sanitizer_probe():
+    assert gpu_check.sanitizer_usable(0, "========= ERROR SUMMARY: 0 errors\n") == (True, "")
+    usable, reason = gpu_check.sanitizer_usable(
+        1, "========= Error: Device not supported\n")
+    assert not usable and "Device not supported" in reason
+    usable, reason = gpu_check.sanitizer_usable(7, "something else")
+    assert not usable and "exit 7" in reason
+
+
+def test_staging_copies_sources_not_builds(tmp_path):
+    gpu_check.stage(tmp_path)
+    for name in ("setup.py", "csrc/ops/cuda/edge_loss_kernel.cu", "dsig_ext/ops.py",
+                 "tests/test_cuda.py", "benchmarks/bench_ops.py",
+                 "benchmarks/sanitizer_cases.py"):
+        assert (tmp_path / name).exists(), name
+    assert not list(tmp_path.rglob("*.so"))
+    assert not (tmp_path / "benchmarks" / "results").exists()
+
+
+def test_report_is_stamped(tmp_path):
+    info = {"gpu": True, "gpu_name": "NVIDIA H100 80GB HBM3", "capability": "9.0",
+            "driver": "580.159.04", "torch": "2.11.0+cu130", "cuda": "13.0",
+            "torchvision": "0.26.0", "python": "3.12.3", "cores": 16}
+    steps = [{"step": "build", "status": "passed", "seconds": 80.0, "detail": "9.0"},
+             {"step": "sanitize", "status": "skipped", "seconds": 0, "detail": "not found"}]
+    gpu_check.write_report(tmp_path, info, steps, "| kernel | time |\n")
+    md = (tmp_path / "gpu_check.md").read_text()
+    for text in ("NVIDIA H100 80GB HBM3", "driver 580.159.04", "torch 2.11.0+cu130",
+                 "CUDA 13.0", "| build | passed |", "| sanitize | skipped |", "| kernel |"):
+        assert text in md
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["info"]["driver"] == "580.159.04" and len(report["steps"]) == 2
+
+
+@pytest.mark.skipif(CUDA, reason="checks the refusal on a machine without a GPU")
+def test_refuses_cleanly_without_a_gpu(tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.run([os.path.join(ROOT, "benchmarks", "gpu_check.sh"), str(out)],
+                         env=dict(os.environ, PYTHON=sys.executable), capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 2
+    assert "no CUDA device" in run.stderr
+    assert not out.exists()  # nothing built, nothing written
+
+
+def test_roofline_floors_match_the_design_table():
+    """KERNELS.md section 5: B=8, 512 RoIs/img; edge loss B=8, N=138, D=12544."""
+    assert roofline.roi_align_forward_floor_us(8, 512, 2) == pytest.approx(139, rel=0.01)
+    assert roofline.roi_align_forward_floor_us(8, 138, 2) == pytest.approx(90, rel=0.01)
+    assert roofline.roi_align_backward_owner_floor_us(8, 512, 2) == pytest.approx(139, rel=0.01)
+    assert roofline.roi_align_backward_owner_floor_us(8, 512, 4) == pytest.approx(278, rel=0.01)
+    assert roofline.roi_align_backward_atomic_floor_us(8, 512, 4) == pytest.approx(712, rel=0.01)
+    assert roofline.roi_align_backward_atomic_floor_us(8, 512, 2) == pytest.approx(1007, rel=0.01)
+    assert roofline.edge_loss_floor_us(8, 138, 12544, 4) == pytest.approx(171, rel=0.01)
+    assert roofline.edge_loss_floor_us(8, 138, 12544, 2, tensor_cores=True) == pytest.approx(
+        33, rel=0.02)
+
+
+def test_bench_kernel_rows_on_the_cpu():
+    """The per-kernel timing and its floors run end to end (tiny sizes, CPU)."""
+    import bench_ops
+
+    rows = bench_ops.bench_kernels("cpu", 1, 4, 4, 0, 1, torch.float32)
+    assert [r["kernel"] for r in rows] == ["roi_align forward", "roi_align backward, atomic",
+                                           "roi_align backward, deterministic",
+                                           "edge loss forward + backward"]
+    assert all(r["time_us"] > 0 and r["floor_us"] >= 5 for r in rows)
+    args = bench_ops.parse_args(["--device", "cuda"])
+    assert args.batches == [2, 8] and args.dtypes == ["float32", "bfloat16"]
+    args = bench_ops.parse_args(["--device", "cpu"])
+    assert args.batches == [2] and args.dtypes == ["float32"]
