@@ -1,9 +1,14 @@
 // CUDA kernels of multi-level RoIAlign: every level in one launch, levels passed as a table.
 // Forward: one thread per output element. Backward, two modes:
-//   atomic        one thread per gradient element, atomicAdd of the bilinear taps (fast);
-//   deterministic one block per (image, channel) that owns that channel of every level, visits
-//                 the RoIs in order and adds each RoI's footprint gradient Wy^T (G/count) Wx,
-//                 each pixel written by one thread: no atomics, bitwise reproducible.
+//   atomic        one thread per gradient element, atomicAdd of the bilinear taps into an fp32
+//                 (fp64) buffer, cast to the features' dtype;
+//   deterministic owner-computes: each RoI's geometry and footprint are computed once, RoIs are
+//                 bucketed by (image, level) keeping their order, and one block per (32 x 32-px
+//                 tile of a level of an image, group of channels) adds, RoI after RoI in order,
+//                 the footprint gradient Wy^T (G / count) Wx of the RoIs that touch its tile
+//                 into shared memory, then writes its tile once in the features' dtype (no
+//                 zero-fill, no atomics, no cast pass): bitwise reproducible, whatever the launch
+//                 configuration. The per-element arithmetic is the CPU default's.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -25,7 +30,6 @@ namespace {
 using detail::RoiGeometry;
 
 constexpr int kThreads = 256;
-constexpr int kTile = 64;  // footprint tile edge of the deterministic backward
 
 template <typename T>
 struct LevelTable {
@@ -143,68 +147,229 @@ __global__ void backward_atomic_kernel(GradTable<acc_t> gt, const T* __restrict_
   }
 }
 
+// --- deterministic backward ----------------------------------------------------------------------
+
+constexpr int kOwnerTile = 32;  // tile edge in pixels
+constexpr int kWarps = kThreads / 32;
+
+// What the owner kernel needs of a RoI, computed once.
+template <typename acc_t>
+struct RoiFootprint {
+  RoiGeometry<acc_t> g;
+  int y_first, y_last, x_first, x_last;  // pixels touched on its level; first > last if none
+};
+
+// Bucket key (image * L + level) of every RoI, num_images * L for RoIs that touch nothing.
+template <typename acc_t>
+__global__ void footprint_kernel(const acc_t* __restrict__ rois,
+                                 const int64_t* __restrict__ levels, int64_t K,
+                                 int64_t num_images, GradTable<acc_t> gt, int ph, int pw,
+                                 int sampling_ratio, bool aligned,
+                                 RoiFootprint<acc_t>* __restrict__ fps, int64_t* __restrict__ keys) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= K) return;
+  const acc_t* roi = rois + 5 * k;
+  const int64_t b = batch_of(roi, num_images);
+  const int64_t l = level_of(levels, k, gt.num_levels);
+  RoiFootprint<acc_t> fp{};
+  fp.y_first = fp.x_first = 1;
+  fp.y_last = fp.x_last = 0;
+  int64_t key = num_images * gt.num_levels;
+  if (b >= 0 && l >= 0) {
+    fp.g = detail::roi_geometry<acc_t>(roi[1], roi[2], roi[3], roi[4],
+                                       static_cast<acc_t>(gt.scale[l]), ph, pw, sampling_ratio,
+                                       aligned);
+    detail::axis_extent(fp.g.start_h, fp.g.bin_h, ph, fp.g.grid_h, gt.height[l], &fp.y_first,
+                        &fp.y_last);
+    detail::axis_extent(fp.g.start_w, fp.g.bin_w, pw, fp.g.grid_w, gt.width[l], &fp.x_first,
+                        &fp.x_last);
+    if (fp.y_first <= fp.y_last && fp.x_first <= fp.x_last) key = b * gt.num_levels + l;
+  }
+  fps[k] = fp;
+  keys[k] = key;
+}
+
+template <typename T>
+struct OwnerOutput {
+  T* data[kMaxLevels];  // [B, C, H_l, W_l], contiguous, every element written once
+  int height[kMaxLevels], width[kMaxLevels], tiles_x[kMaxLevels];
+  int64_t tile_start[kMaxLevels + 1];  // tiles of one image before level l
+  int num_levels;
+};
+
+// Block (tile of a level of an image, channel group). Shared memory: acc [cpb][32][32],
+// wy [ph][32], wx [pw][32], t1 [cpb][ph][32] (acc_t), then the RoI list (int64).
 template <typename T, typename acc_t>
-__global__ void backward_deterministic_kernel(GradTable<acc_t> gt, const T* __restrict__ grad,
-                                              int64_t g0, int64_t g1, int64_t g2, int64_t g3,
-                                              const acc_t* __restrict__ rois,
-                                              const int64_t* __restrict__ levels, int64_t K,
-                                              int64_t C, int64_t num_images, int ph, int pw,
-                                              int sampling_ratio, bool aligned) {
+__global__ void __launch_bounds__(kThreads)
+backward_owner_kernel(OwnerOutput<T> out, const RoiFootprint<acc_t>* __restrict__ fps,
+                      const int64_t* __restrict__ order, const int64_t* __restrict__ bucket_start,
+                      const T* __restrict__ grad, int64_t g0, int64_t g1, int64_t g2, int64_t g3,
+                      int64_t C, int ph, int pw, int cpb) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* wy = reinterpret_cast<acc_t*>(smem_raw);  // [ph][kTile]
-  acc_t* wx = wy + ph * kTile;                     // [pw][kTile]
-  acc_t* t1 = wx + pw * kTile;                     // [ph][kTile]
-  const int64_t b = blockIdx.x / C;
-  const int64_t c = blockIdx.x % C;
-  for (int64_t k = 0; k < K; ++k) {  // every branch below is uniform across the block
-    const acc_t* roi = rois + 5 * k;
-    if (batch_of(roi, num_images) != b) continue;
-    const int64_t l = level_of(levels, k, gt.num_levels);
-    if (l < 0) continue;
-    const int H = gt.height[l], W = gt.width[l];
-    const RoiGeometry<acc_t> g = detail::roi_geometry<acc_t>(
-        roi[1], roi[2], roi[3], roi[4], static_cast<acc_t>(gt.scale[l]), ph, pw, sampling_ratio,
-        aligned);
-    int y_first, y_last, x_first, x_last;
-    detail::axis_extent(g.start_h, g.bin_h, ph, g.grid_h, H, &y_first, &y_last);
-    detail::axis_extent(g.start_w, g.bin_w, pw, g.grid_w, W, &x_first, &x_last);
-    if (y_first > y_last || x_first > x_last) continue;
-    acc_t* plane = gt.data[l] + (b * C + c) * H * W;
-    const T* gk = grad + k * g0 + c * g1;
-    const acc_t inv_count = acc_t(1) / g.count;
-    for (int ty0 = y_first; ty0 <= y_last; ty0 += kTile) {
-      const int th = min(kTile, y_last - ty0 + 1);
-      for (int tx0 = x_first; tx0 <= x_last; tx0 += kTile) {
-        const int tw = min(kTile, x_last - tx0 + 1);
-        for (int i = threadIdx.x; i < ph * th; i += blockDim.x) {
-          const int p = i / th, y = i % th;
-          wy[p * kTile + y] =
-              detail::axis_pixel_weight(g.start_h, g.bin_h, p, g.grid_h, H, ty0 + y);
-        }
-        for (int i = threadIdx.x; i < pw * tw; i += blockDim.x) {
-          const int q = i / tw, x = i % tw;
-          wx[q * kTile + x] =
-              detail::axis_pixel_weight(g.start_w, g.bin_w, q, g.grid_w, W, tx0 + x);
-        }
-        __syncthreads();
-        for (int i = threadIdx.x; i < ph * tw; i += blockDim.x) {
-          const int p = i / tw, x = i % tw;
-          acc_t s = acc_t(0);
-          for (int q = 0; q < pw; ++q)
-            s += static_cast<acc_t>(gk[p * g2 + q * g3]) * inv_count * wx[q * kTile + x];
-          t1[p * kTile + x] = s;
-        }
-        __syncthreads();
-        for (int i = threadIdx.x; i < th * tw; i += blockDim.x) {
-          const int y = i / tw, x = i % tw;
-          acc_t s = acc_t(0);
-          for (int p = 0; p < ph; ++p) s += wy[p * kTile + y] * t1[p * kTile + x];
-          plane[int64_t(ty0 + y) * W + tx0 + x] += s;
-        }
-        __syncthreads();
+  constexpr int E = kOwnerTile;
+  acc_t* acc = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* wy = acc + cpb * E * E;
+  acc_t* wx = wy + ph * E;
+  acc_t* t1 = wx + pw * E;
+  int64_t* list = reinterpret_cast<int64_t*>(t1 + cpb * ph * E);
+  __shared__ int warp_base[kWarps + 1];
+
+  // which tile
+  const int64_t per_image = out.tile_start[out.num_levels];
+  const int64_t b = blockIdx.x / per_image;
+  int64_t t = blockIdx.x % per_image;
+  int l = 0;
+  while (l + 1 < out.num_levels && out.tile_start[l + 1] <= t) ++l;
+  t -= out.tile_start[l];
+  const int H = out.height[l], W = out.width[l];
+  const int y0 = static_cast<int>(t / out.tiles_x[l]) * E;
+  const int x0 = static_cast<int>(t % out.tiles_x[l]) * E;
+  const int th = min(E, H - y0), tw = min(E, W - x0);
+  const int64_t c0 = int64_t(blockIdx.y) * cpb;
+  const int nc = static_cast<int>(min(static_cast<int64_t>(cpb), C - c0));
+
+  for (int i = threadIdx.x; i < cpb * E * E; i += kThreads) acc[i] = acc_t(0);
+  const int64_t bucket = b * out.num_levels + l;
+  const int64_t first = bucket_start[bucket], last = bucket_start[bucket + 1];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int64_t base = first; base < last; base += kThreads) {
+    // the RoIs of this chunk that touch the tile, compacted in order
+    const int64_t i = base + threadIdx.x;
+    int64_t k = -1;
+    bool touches = false;
+    if (i < last) {
+      k = order[i];
+      const RoiFootprint<acc_t>& fp = fps[k];
+      touches = fp.y_first <= y0 + th - 1 && fp.y_last >= y0 && fp.x_first <= x0 + tw - 1 &&
+                fp.x_last >= x0;
+    }
+    const unsigned mask = __ballot_sync(0xffffffffu, touches);
+    if (lane == 0) warp_base[warp + 1] = __popc(mask);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      warp_base[0] = 0;
+      for (int w = 0; w < kWarps; ++w) warp_base[w + 1] += warp_base[w];
+    }
+    __syncthreads();
+    if (touches) list[warp_base[warp] + __popc(mask & ((1u << lane) - 1u))] = k;
+    const int n = warp_base[kWarps];
+    __syncthreads();
+    for (int j = 0; j < n; ++j) {
+      const int64_t kk = list[j];
+      const RoiFootprint<acc_t> fp = fps[kk];
+      const int ya = max(fp.y_first, y0), yb = min(fp.y_last, y0 + th - 1);
+      const int xa = max(fp.x_first, x0), xb = min(fp.x_last, x0 + tw - 1);
+      const int hh = yb - ya + 1, ww = xb - xa + 1;
+      const RoiGeometry<acc_t>& g = fp.g;
+      for (int e = threadIdx.x; e < ph * hh; e += kThreads) {
+        const int p = e / hh, y = e % hh;
+        wy[p * E + y] = detail::axis_pixel_weight(g.start_h, g.bin_h, p, g.grid_h, H, ya + y);
       }
+      for (int e = threadIdx.x; e < pw * ww; e += kThreads) {
+        const int q = e / ww, x = e % ww;
+        wx[q * E + x] = detail::axis_pixel_weight(g.start_w, g.bin_w, q, g.grid_w, W, xa + x);
+      }
+      __syncthreads();
+      // t1[c][p][x] = sum_q G[c][p][q] / count * Wx[q][x]
+      const acc_t inv_count = acc_t(1) / g.count;
+      for (int e = threadIdx.x; e < nc * ph * ww; e += kThreads) {
+        const int c = e / (ph * ww), r = e % (ph * ww), p = r / ww, x = r % ww;
+        const T* gk = grad + kk * g0 + (c0 + c) * g1 + p * g2;
+        acc_t v = acc_t(0);
+        for (int q = 0; q < pw; ++q) v += static_cast<acc_t>(gk[q * g3]) * inv_count * wx[q * E + x];
+        t1[(c * ph + p) * E + x] = v;
+      }
+      __syncthreads();
+      // acc[c][y][x] += sum_p Wy[p][y] t1[c][p][x]
+      for (int e = threadIdx.x; e < nc * hh * ww; e += kThreads) {
+        const int c = e / (hh * ww), r = e % (hh * ww), y = r / ww, x = r % ww;
+        acc_t v = acc_t(0);
+        for (int p = 0; p < ph; ++p) v += wy[p * E + y] * t1[(c * ph + p) * E + x];
+        acc[(c * E + (ya - y0 + y)) * E + (xa - x0 + x)] += v;
+      }
+      __syncthreads();
     }
   }
+  // every element of the tile written once, RoIs or not
+  T* plane = out.data[l];
+  for (int e = threadIdx.x; e < nc * th * tw; e += kThreads) {
+    const int c = e / (th * tw), r = e % (th * tw), y = r / tw, x = r % tw;
+    plane[((b * C + c0 + c) * H + y0 + y) * int64_t(W) + x0 + x] =
+        static_cast<T>(acc[(c * E + y) * E + x]);
+  }
+}
+
+// Channels per owner block: as many as fit the 48 KB of shared memory a launch gets without
+// opting in (less the kernel's static part), at most 8.
+int owner_channels_per_block(int ph, int pw, size_t acc_size, size_t* smem) {
+  for (int cpb = 8; cpb >= 1; cpb /= 2) {
+    const size_t bytes = acc_size * (size_t(cpb) * kOwnerTile * kOwnerTile +
+                                     size_t(ph + pw) * kOwnerTile +
+                                     size_t(cpb) * ph * kOwnerTile) +
+                         sizeof(int64_t) * kThreads;
+    if (bytes <= 46 * 1024) {
+      *smem = bytes;
+      return cpb;
+    }
+  }
+  return 0;
+}
+
+template <typename scalar_t, typename acc_t>
+std::vector<at::Tensor> backward_owner_cuda(const at::Tensor& grad, const at::Tensor& rois_acc,
+                                            const at::Tensor& levels64,
+                                            const GradTable<acc_t>& gt, int64_t batch_size,
+                                            int64_t channels, int ph, int pw,
+                                            int64_t sampling_ratio, bool aligned) {
+  const int L = gt.num_levels;
+  const int64_t K = rois_acc.size(0);
+  std::vector<at::Tensor> grads;
+  OwnerOutput<scalar_t> out{};
+  out.num_levels = L;
+  out.tile_start[0] = 0;
+  for (int l = 0; l < L; ++l) {
+    grads.push_back(at::empty({batch_size, channels, gt.height[l], gt.width[l]}, grad.options()));
+    out.data[l] = grads.back().data_ptr<scalar_t>();
+    out.height[l] = gt.height[l];
+    out.width[l] = gt.width[l];
+    out.tiles_x[l] = (gt.width[l] + kOwnerTile - 1) / kOwnerTile;
+    out.tile_start[l + 1] =
+        out.tile_start[l] + int64_t(out.tiles_x[l]) * ((gt.height[l] + kOwnerTile - 1) / kOwnerTile);
+  }
+  const int64_t tiles = batch_size * out.tile_start[L];
+  if (tiles == 0 || channels == 0) return grads;
+  size_t smem = 0;
+  const int cpb = owner_channels_per_block(ph, pw, sizeof(acc_t), &smem);
+  TORCH_CHECK(cpb > 0, "multilevel_roi_align: output size (", ph, ", ", pw,
+              ") is too large for the deterministic CUDA backward");
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const auto long_opts = rois_acc.options().dtype(at::kLong);
+  const int64_t buckets = batch_size * L;
+  at::Tensor fps = at::empty({std::max<int64_t>(K, 1) * int64_t(sizeof(RoiFootprint<acc_t>))},
+                             rois_acc.options().dtype(at::kByte));
+  at::Tensor order, bucket_start;
+  if (K > 0) {
+    at::Tensor keys = at::empty({K}, long_opts);
+    footprint_kernel<acc_t><<<blocks_for(K), kThreads, 0, stream>>>(
+        rois_acc.data_ptr<acc_t>(), levels64.data_ptr<int64_t>(), K, batch_size, gt, ph, pw,
+        static_cast<int>(sampling_ratio), aligned,
+        reinterpret_cast<RoiFootprint<acc_t>*>(fps.data_ptr()), keys.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    order = at::argsort(keys, /*stable=*/true);  // RoIs of a bucket stay in ascending order
+    bucket_start = at::searchsorted(keys.index_select(0, order), at::arange(buckets + 1, long_opts));
+  } else {
+    order = at::empty({1}, long_opts);
+    bucket_start = at::zeros({buckets + 1}, long_opts);
+  }
+  const dim3 grid(static_cast<unsigned>(tiles),
+                  static_cast<unsigned>((channels + cpb - 1) / cpb));
+  TORCH_CHECK(grid.y <= 65535, "multilevel_roi_align: too many channels (", channels, ")");
+  backward_owner_kernel<scalar_t, acc_t><<<grid, kThreads, smem, stream>>>(
+      out, reinterpret_cast<const RoiFootprint<acc_t>*>(fps.data_ptr()),
+      order.data_ptr<int64_t>(), bucket_start.data_ptr<int64_t>(), grad.data_ptr<scalar_t>(),
+      grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3), channels, ph, pw, cpb);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grads;
 }
 
 at::Tensor multilevel_roi_align_forward_cuda(at::TensorList features, const at::Tensor& rois,
@@ -260,43 +425,38 @@ std::vector<at::Tensor> multilevel_roi_align_backward_cuda(
   at::Tensor rois_acc, levels64;  // no structured binding: lambdas capture them (C++17)
   std::tie(rois_acc, levels64) = prepare_rois(rois, levels, grad.scalar_type());
   const int L = static_cast<int>(heights.size());
-  std::vector<at::Tensor> acc_grads =
-      zero_level_grads(grad, batch_size, channels, heights, widths);
   const int64_t K = rois.size(0);
   const int ph = static_cast<int>(grad.size(2)), pw = static_cast<int>(grad.size(3));
-  if (grad.numel() > 0 && batch_size > 0) {
-    auto stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
-                                    "multilevel_roi_align_backward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      GradTable<acc_t> gt{};
-      gt.num_levels = L;
-      for (int l = 0; l < L; ++l) {
-        gt.data[l] = acc_grads[l].data_ptr<acc_t>();
-        gt.height[l] = static_cast<int>(heights[l]);
-        gt.width[l] = static_cast<int>(widths[l]);
-        gt.scale[l] = spatial_scales[l];
-      }
-      const scalar_t* gp = grad.data_ptr<scalar_t>();
-      if (deterministic) {
-        const size_t smem = sizeof(acc_t) * kTile * (2 * ph + pw);
-        TORCH_CHECK(smem <= 48 * 1024, "multilevel_roi_align: output size (", ph, ", ", pw,
-                    ") is too large for the deterministic CUDA backward");
-        backward_deterministic_kernel<scalar_t, acc_t>
-            <<<static_cast<unsigned>(batch_size * channels), kThreads, smem, stream>>>(
-                gt, gp, grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
-                rois_acc.data_ptr<acc_t>(), levels64.data_ptr<int64_t>(), K, channels,
-                batch_size, ph, pw, static_cast<int>(sampling_ratio), aligned);
-      } else {
-        backward_atomic_kernel<scalar_t, acc_t><<<blocks_for(grad.numel()), kThreads, 0, stream>>>(
-            gt, gp, grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
-            rois_acc.data_ptr<acc_t>(), levels64.data_ptr<int64_t>(), K, channels, batch_size,
-            ph, pw, static_cast<int>(sampling_ratio), aligned);
-      }
+  std::vector<at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                  "multilevel_roi_align_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    GradTable<acc_t> gt{};
+    gt.num_levels = L;
+    for (int l = 0; l < L; ++l) {
+      gt.height[l] = static_cast<int>(heights[l]);
+      gt.width[l] = static_cast<int>(widths[l]);
+      gt.scale[l] = spatial_scales[l];
+    }
+    if (deterministic) {
+      result = backward_owner_cuda<scalar_t, acc_t>(grad, rois_acc, levels64, gt, batch_size,
+                                                    channels, ph, pw, sampling_ratio, aligned);
+      return;
+    }
+    std::vector<at::Tensor> acc_grads =
+        zero_level_grads(grad, batch_size, channels, heights, widths);
+    if (grad.numel() > 0 && batch_size > 0) {
+      for (int l = 0; l < L; ++l) gt.data[l] = acc_grads[l].data_ptr<acc_t>();
+      backward_atomic_kernel<scalar_t, acc_t>
+          <<<blocks_for(grad.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              gt, grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), grad.stride(2),
+              grad.stride(3), rois_acc.data_ptr<acc_t>(), levels64.data_ptr<int64_t>(), K,
+              channels, batch_size, ph, pw, static_cast<int>(sampling_ratio), aligned);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  return cast_level_grads(std::move(acc_grads), grad.scalar_type());
+    }
+    result = cast_level_grads(std::move(acc_grads), grad.scalar_type());
+  });
+  return result;
 }
 
 }  // namespace
