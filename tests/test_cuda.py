@@ -130,6 +130,30 @@ def test_roi_align_cuda_low_precision(dtype):
 
 
 @requires_cuda
+@pytest.mark.parametrize("dtype, channels, output_size", [
+    (torch.float64, 13, (14, 14)), (torch.float32, 3, (7, 5)), (torch.float64, 9, (1, 1))])
+def test_roi_align_cuda_owner_backward_shapes(dtype, channels, output_size):
+    """The owner-computes backward with channel counts that do not fill a block's channel
+    group, other output sizes (a mask head's 14x14) and K = 0 equals the CPU in float64."""
+    g = torch.Generator().manual_seed(21)
+    feats = make_pyramid(2, channels, (200, 232), dtype=dtype, generator=g)
+    rois = rois_from_lists(split_boxes(make_boxes(90, (200, 232), g, dtype=torch.float64), 2, g))
+    levels = dsig_ext.assign_fpn_levels(rois[:, 1:], 2, 5)
+    grad = torch.randn(rois.shape[0], channels, *output_size, generator=g, dtype=torch.float64)
+    heights, widths = [f.shape[2] for f in feats], [f.shape[3] for f in feats]
+    for k in (rois.shape[0], 0):
+        args = (SCALES, 2, channels, heights, widths, 0, True, True)
+        cpu = torch.ops.dsig._multilevel_roi_align_backward(
+            grad[:k].to(dtype), rois[:k].to(dtype), levels[:k], *args)
+        gpu = torch.ops.dsig._multilevel_roi_align_backward(
+            grad[:k].to(dtype).cuda(), rois[:k].to(dtype).cuda(), levels[:k].cuda(), *args)
+        tol = 1e-10 if dtype == torch.float64 else 1e-4
+        for a, b in zip(gpu, cpu):
+            assert a.dtype == dtype and a.is_contiguous()
+            torch.testing.assert_close(a.cpu(), b, atol=tol, rtol=0)
+
+
+@requires_cuda
 def test_roi_align_cuda_deterministic_is_bitwise_reproducible():
     case = _case(torch.float32, seed=3, n=600)
     _, first = _run(*case, "cuda", True)
