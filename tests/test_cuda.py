@@ -382,6 +382,9 @@ def test_cuda_graph_capture_forward_and_backward(check_inputs):
     def step():
         out = dsig_ext.multilevel_roi_align(fs, r, lv, SCALES, 7, check_inputs=check_inputs)
         feat_grads = torch.autograd.grad(out, fs, gr)
+        out_det = dsig_ext.multilevel_roi_align(fs, r, lv, SCALES, 7, deterministic=True,
+                                                check_inputs=check_inputs)
+        feat_grads += torch.autograd.grad(out_det, fs, gr)
         loss = dsig_ext.edge_mse_loss(a, b, offsets, check_inputs=check_inputs)
         (node_grad,) = torch.autograd.grad(loss, a)
         e = dsig_ext.cosine_edges(a, offsets, check_inputs=check_inputs)

@@ -106,3 +106,20 @@ def test_bench_kernel_rows_on_the_cpu():
     assert args.batches == [2, 8] and args.dtypes == ["float32", "bfloat16"]
     args = bench_ops.parse_args(["--device", "cpu"])
     assert args.batches == [2] and args.dtypes == ["float32"]
+
+
+def test_detectron2_wheel_commands(tmp_path):
+    """install_detectron2.py --wheel-dir: the patched detectron2 as a wheel, the pure-Python
+    requirements built as wheels, the compiled ones fetched for the target interpreter."""
+    import importlib.util
+
+    path = os.path.join(ROOT, "projects", "Distillation", "tools", "install_detectron2.py")
+    spec = importlib.util.spec_from_file_location("install_detectron2", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    source, out = tmp_path / "src", tmp_path / "wheels"
+    own, pure, binary = tool.wheel_commands(source, out, "3.12")
+    assert own[3:5] == ["wheel", "--quiet"] and own[-1] == str(source) and str(out) in own
+    assert "fvcore>=0.1.5,<0.1.6" in pure and "--no-deps" in pure
+    assert binary[binary.index("--python-version") + 1] == "3.12"
+    assert "--only-binary=:all:" in binary and binary[-1].startswith("pycocotools")

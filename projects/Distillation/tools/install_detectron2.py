@@ -16,7 +16,15 @@ files. This step:
      unavailable (rotated boxes/NMS, RoIAlignRotated, deformable conv) and COCO evaluation uses
      the pycocotools path (``COCOeval_opt`` falls back to ``COCOeval``).
 
+With ``--wheel-dir DIR`` it installs nothing and instead writes wheels for an offline machine
+(an air-gapped cluster, a bare GPU box): the patched detectron2, its pure-Python dependencies
+(built here where PyPI has only sdists) and pycocotools for ``--python-version`` (default: this
+interpreter's). There: ``pip install --no-index --find-links DIR detectron2`` (numpy, Pillow,
+matplotlib, PyYAML and tensorboard are expected to be installed already).
+
 Usage: python projects/Distillation/tools/install_detectron2.py [--force]
+       python projects/Distillation/tools/install_detectron2.py --wheel-dir DIR
+                                                                [--python-version 3.12]
 """
 import argparse
 import os
@@ -34,6 +42,18 @@ RUNTIME_DEPS = [
     "tabulate", "cloudpickle", "tqdm>4.29.0", "fvcore>=0.1.5,<0.1.6", "iopath>=0.1.7,<0.1.11",
     "omegaconf>=2.1", "hydra-core>=1.1", "tensorboard",
 ]
+
+# Pure-Python requirements of detectron2 0.6 and fvcore/iopath/hydra that a machine with torch,
+# numpy, Pillow, matplotlib, PyYAML and tensorboard may lack; built as py3-none-any wheels.
+PURE_WHEELS = [
+    "termcolor>=1.1", "yacs>=0.1.8", "tabulate", "cloudpickle", "tqdm>4.29.0",
+    "fvcore>=0.1.5,<0.1.6", "iopath>=0.1.7,<0.1.11", "omegaconf>=2.1,<2.4", "hydra-core>=1.1",
+    "antlr4-python3-runtime==4.9.3", "portalocker", "typing_extensions", "packaging",
+]
+# Compiled requirements fetched as wheels for the target interpreter.
+BINARY_WHEELS = ["pycocotools>=2.0.2"]
+MANYLINUX = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
+             "manylinux2014_x86_64"]
 
 MINIMAL_SETUP = '''\
 # Written by dsig's install_detectron2.py: pure-Python install, no C++ extension.
@@ -110,21 +130,60 @@ def patch_tree(root: Path) -> None:
         (root / name).unlink(missing_ok=True)
 
 
+def patched_source(work: Path) -> Path:
+    """The pb1-detectron2 sdist, unpacked and patched, under `work`."""
+    archive = download_sdist(work)
+    with tarfile.open(archive) as tar:
+        tar.extractall(work / "src", filter="data")
+    root = work / "src" / "pb1-detectron2-0.6"
+    patch_tree(root)
+    return root
+
+
+def wheel_commands(source: Path, wheel_dir: Path, python_version: str):
+    """pip commands that fill `wheel_dir` for an offline install on `python_version`."""
+    pip = [sys.executable, "-m", "pip"]
+    binary = pip + ["download", "--quiet", "--no-deps", "--only-binary=:all:", "--implementation",
+                    "cp", "--python-version", python_version, "-d", str(wheel_dir)]
+    for platform in MANYLINUX:
+        binary += ["--platform", platform]
+    return [
+        pip + ["wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir),
+               str(source)],
+        pip + ["wheel", "--quiet", "--no-deps", "-w", str(wheel_dir)] + PURE_WHEELS,
+        binary + BINARY_WHEELS,
+    ]
+
+
+def write_wheels(wheel_dir: Path, python_version: str) -> None:
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="dsig-d2-") as tmp:
+        source = patched_source(Path(tmp))
+        for cmd in wheel_commands(source, wheel_dir, python_version):
+            run(cmd)
+    names = sorted(p.name for p in wheel_dir.glob("*.whl"))
+    if not any(n.startswith("detectron2-") for n in names):
+        raise SystemExit("install_detectron2: no detectron2 wheel was written")
+    print(f"install_detectron2: {len(names)} wheels in {wheel_dir}:\n  " + "\n  ".join(names))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="reinstall even if importable")
+    parser.add_argument("--wheel-dir", type=Path, default=None,
+                        help="write wheels for an offline install here instead of installing")
+    parser.add_argument("--python-version", default=f"{sys.version_info[0]}.{sys.version_info[1]}",
+                        help="interpreter the compiled wheels are for (with --wheel-dir)")
     args = parser.parse_args()
+    if args.wheel_dir is not None:
+        write_wheels(args.wheel_dir.resolve(), args.python_version)
+        return
     if not args.force and detectron2_works():
         print("install_detectron2: a working detectron2 is already importable; nothing to do")
         return
     run([sys.executable, "-m", "pip", "install", "--quiet"] + RUNTIME_DEPS)
     with tempfile.TemporaryDirectory(prefix="dsig-d2-") as tmp:
-        work = Path(tmp)
-        archive = download_sdist(work)
-        with tarfile.open(archive) as tar:
-            tar.extractall(work / "src", filter="data")
-        root = work / "src" / "pb1-detectron2-0.6"
-        patch_tree(root)
+        root = patched_source(Path(tmp))
         run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
              "--no-build-isolation", str(root)])
     if not detectron2_works():
