@@ -82,13 +82,15 @@ def _batch(cfg, batch_size, size, seed=0):
     return batch
 
 
-def run_variant(config, variant, device, size, batch_size, iters, warmup):
-    """One variant in this process; returns its measurement."""
+def prepare_variant(config, variant, device, size, batch_size, extra_opts=()):
+    """The model of one variant, built and calibrated, and a function running one training
+    step of it on a fixed batch."""
     sys.path.insert(0, PROJECT)
     import torch
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
+    from distillation.teacher import teacher_images
     from distillation.training import load_config
 
     torch.manual_seed(0)
@@ -96,15 +98,13 @@ def run_variant(config, variant, device, size, batch_size, iters, warmup):
             "DISTILL.TEACHER.ALLOW_RANDOM_INIT", "True", "MODEL.DEVICE", device]
     if variant == "dsig-reference":
         opts += ["DISTILL.BACKEND", "reference"]
-    cfg = load_config(os.path.join(PROJECT, "configs", config), opts)
-    stock = "RetinaNet" if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE else "GeneralizedRCNN"
+    cfg = load_config(os.path.join(PROJECT, "configs", config), opts + list(extra_opts))
     cfg.freeze()
     model = build_model(cfg)
     batch = _batch(cfg, batch_size, size)
     student, teacher = model.student, model.teacher
     with torch.no_grad():
         _calibrate_frozen_bn(student, student.preprocess_image(batch).tensor)
-        from distillation.teacher import teacher_images
         _calibrate_frozen_bn(teacher, teacher_images(teacher, batch, model.flip_teacher_input,
                                                      model.device).tensor)
     model.train()
@@ -125,6 +125,15 @@ def run_variant(config, variant, device, size, batch_size, iters, warmup):
         loss.backward()
         opt.step()
 
+    return cfg, model, step
+
+
+def run_variant(config, variant, device, size, batch_size, iters, warmup):
+    """One variant in this process; returns its measurement."""
+    import torch
+
+    cfg, _, step = prepare_variant(config, variant, device, size, batch_size)
+    stock = "RetinaNet" if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE else "GeneralizedRCNN"
     for _ in range(warmup):
         step()
     if device == "cuda":

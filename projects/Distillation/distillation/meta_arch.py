@@ -6,6 +6,7 @@ import torch
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.poolers import ROIPooler
 from torch import nn
+from torch.profiler import record_function as region  # names the profile's rows
 
 import dsig_ext
 
@@ -112,46 +113,44 @@ class DistillationRCNN(nn.Module):
         s = self.student
         images = s.preprocess_image(batched_inputs)
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        features = s.backbone(images.tensor)
-        with torch.no_grad():
+        with region("student.backbone"):
+            features = s.backbone(images.tensor)
+        with torch.no_grad(), region("dsig.teacher_backbone"):
             t_images = teacher_images(self.teacher, batched_inputs, self.flip_teacher_input,
                                       self.device)
             t_features = self.teacher.backbone(t_images.tensor)
-        proposals, proposal_losses = s.proposal_generator(images, features, gt_instances)
+        with region("student.rpn"):
+            proposals, proposal_losses = s.proposal_generator(images, features, gt_instances)
         losses = dict(proposal_losses)
         det_losses, kd_losses = self._box_branch_and_dsig(features, t_features, proposals,
                                                           gt_instances, len(batched_inputs))
         losses.update(det_losses)
         losses.update(kd_losses)
         if self.cfg_distill.FEATURE_LOSS_ON:
-            losses["loss_dsig_feature"] = L.feature_map_loss(
-                features, t_features, self.cfg_distill.FEATURE_LOSS_LEVELS,
-                self.cfg_distill.FEATURE_LOSS_WEIGHT)
+            with region("dsig.feature_loss"):
+                losses["loss_dsig_feature"] = L.feature_map_loss(
+                    features, t_features, self.cfg_distill.FEATURE_LOSS_LEVELS,
+                    self.cfg_distill.FEATURE_LOSS_WEIGHT)
         return losses
 
     def _box_branch_and_dsig(self, features, t_features, proposals, gt_instances, num_images):
         """detectron2's StandardROIHeads box branch, keeping the pooled RoI features."""
         d = self.cfg_distill
         heads = self.student.roi_heads
-        proposals = heads.label_and_sample_proposals(proposals, gt_instances)
-        boxes = [p.proposal_boxes for p in proposals]
-        pooled = heads.box_pooler([features[f] for f in heads.box_in_features], boxes)
-        predictions = heads.box_predictor(heads.box_head(pooled))
-        det_losses = heads.box_predictor.losses(predictions, proposals)
+        with region("student.box_branch"):
+            proposals = heads.label_and_sample_proposals(proposals, gt_instances)
+            boxes = [p.proposal_boxes for p in proposals]
+            pooled = heads.box_pooler([features[f] for f in heads.box_in_features], boxes)
+            predictions = heads.box_predictor(heads.box_head(pooled))
+            det_losses = heads.box_predictor.losses(predictions, proposals)
 
-        gt_classes = torch.cat([p.gt_classes for p in proposals])
-        is_fg = (gt_classes >= 0) & (gt_classes < self.num_classes)
+        with region("dsig.graph_assembly"):
+            gt_classes, image_of, fg_idx, n_fg, bg_idx, n_bg = self._split_fg_bg(proposals)
         counts = [len(p) for p in proposals]
-        image_of = torch.repeat_interleave(torch.arange(len(counts), device=gt_classes.device),
-                                           torch.as_tensor(counts, device=gt_classes.device))
-        n_fg = [int(v) for v in torch.bincount(image_of[is_fg], minlength=len(counts)).tolist()]
-        n_bg = [c - f for c, f in zip(counts, n_fg)]
-        fg_idx = self._grouped(is_fg, image_of)
-        bg_idx = self._grouped(~is_fg, image_of)
 
         roi_kd = d.ROI_CLS_KD_ON or d.ROI_REG_KD_ON
         mining = d.EDGE_LOSS_ON and d.BG_MINING_ON
-        with torch.no_grad():
+        with torch.no_grad(), region("dsig.teacher_roi"):
             t_pooled = self.teacher_pooler([t_features[f] for f in self.teacher_in_features],
                                            boxes)
             th = self.teacher.roi_heads
@@ -165,45 +164,65 @@ class DistillationRCNN(nn.Module):
         c = L.image_reduction_factor(num_images, d.IMAGE_REDUCTION, d.REFERENCE_IMAGES)
         s_flat, t_flat = pooled.flatten(1), t_pooled.flatten(1)
         kd = {}
-        if d.FG_NODE_LOSS_ON:
-            kd["loss_dsig_fg_node"] = L.fg_node_loss(s_flat[fg_idx], t_flat[fg_idx], n_fg,
-                                                     d.FG_NODE_LOSS_WEIGHT, c)
-        if d.BG_NODE_LOSS_ON:
-            a = (L.adaptive_bg_weights(n_fg, n_bg, d.BG_WEIGHT_ALPHA) if d.BG_ADAPTIVE_WEIGHT_ON
-                 else [1.0] * len(counts))
-            kd["loss_dsig_bg_node"] = L.bg_node_loss(s_flat[bg_idx], t_flat[bg_idx], n_bg, a,
-                                                     d.BG_NODE_LOSS_WEIGHT, c)
+        with region("dsig.node_losses"):
+            if d.FG_NODE_LOSS_ON:
+                kd["loss_dsig_fg_node"] = L.fg_node_loss(s_flat[fg_idx], t_flat[fg_idx], n_fg,
+                                                         d.FG_NODE_LOSS_WEIGHT, c)
+            if d.BG_NODE_LOSS_ON:
+                a = (L.adaptive_bg_weights(n_fg, n_bg, d.BG_WEIGHT_ALPHA)
+                     if d.BG_ADAPTIVE_WEIGHT_ON else [1.0] * len(counts))
+                kd["loss_dsig_bg_node"] = L.bg_node_loss(s_flat[bg_idx], t_flat[bg_idx], n_bg, a,
+                                                         d.BG_NODE_LOSS_WEIGHT, c)
         if d.EDGE_LOSS_ON:
-            if mining:
+            kd["loss_dsig_edge"] = self._edge_term(s_flat, t_flat, boxes, fg_idx, n_fg, bg_idx,
+                                                   n_bg, image_of, t_bg_scores, c)
+        with region("dsig.roi_kd"):
+            if d.ROI_CLS_KD_ON:
+                kd["loss_dsig_roi_cls"] = L.roi_cls_kd_loss(predictions[0], t_scores,
+                                                            d.ROI_CLS_KD_TEMPERATURE,
+                                                            d.ROI_CLS_KD_WEIGHT)
+            if d.ROI_REG_KD_ON:
+                kd["loss_dsig_roi_reg"] = L.roi_reg_kd_loss(predictions[1], t_deltas,
+                                                            gt_classes, self.num_classes,
+                                                            d.ROI_REG_KD_WEIGHT)
+        return det_losses, kd
+
+    def _edge_term(self, s_flat, t_flat, boxes, fg_idx, n_fg, bg_idx, n_bg, image_of,
+                   t_bg_scores, c):
+        """L_edge over per-image graphs [fg ; mined bg]."""
+        d = self.cfg_distill
+        with region("dsig.graph_assembly"):
+            if d.BG_MINING_ON:
                 mined = L.mine_background(t_bg_scores, self.num_classes,
                                           d.BG_MINING_THRESHOLD, n_bg, d.BG_MINING_MAX)
             else:
                 mined = torch.zeros(len(bg_idx), dtype=torch.bool, device=bg_idx.device)
             node_idx, node_counts = self._graph_nodes(fg_idx, n_fg, bg_idx[mined],
-                                                      image_of[bg_idx[mined]], len(counts))
-            kd["loss_dsig_edge"] = L.edge_loss(s_flat[node_idx], t_flat[node_idx], node_counts,
-                                               d.EDGE_LOSS_WEIGHT, c, self.backend,
-                                               d.EDGE_ZERO_DEAD_ROWS)
-            if self.record_graph:  # for tools/visualize_graph.py
-                all_boxes = torch.cat([b.tensor for b in boxes])
-                self.last_graph = {"boxes": all_boxes[node_idx].detach(), "counts": node_counts,
-                                   "n_fg": n_fg, "student": s_flat[node_idx].detach(),
-                                   "teacher": t_flat[node_idx]}
-        if d.ROI_CLS_KD_ON:
-            kd["loss_dsig_roi_cls"] = L.roi_cls_kd_loss(predictions[0], t_scores,
-                                                        d.ROI_CLS_KD_TEMPERATURE,
-                                                        d.ROI_CLS_KD_WEIGHT)
-        if d.ROI_REG_KD_ON:
-            kd["loss_dsig_roi_reg"] = L.roi_reg_kd_loss(predictions[1], t_deltas, gt_classes,
-                                                        self.num_classes, d.ROI_REG_KD_WEIGHT)
-        return det_losses, kd
+                                                      image_of[bg_idx[mined]], len(n_fg))
+        with region("dsig.edge_loss"):
+            loss = L.edge_loss(s_flat[node_idx], t_flat[node_idx], node_counts,
+                               d.EDGE_LOSS_WEIGHT, c, self.backend, d.EDGE_ZERO_DEAD_ROWS)
+        if self.record_graph:  # for tools/visualize_graph.py
+            all_boxes = torch.cat([b.tensor for b in boxes])
+            self.last_graph = {"boxes": all_boxes[node_idx].detach(), "counts": node_counts,
+                               "n_fg": n_fg, "student": s_flat[node_idx].detach(),
+                               "teacher": t_flat[node_idx]}
+        return loss
 
-    @staticmethod
-    def _grouped(mask: torch.Tensor, image_of: torch.Tensor) -> torch.Tensor:
-        """Indices where mask holds, grouped by image (stable within an image)."""
-        idx = mask.nonzero(as_tuple=True)[0]
-        order = torch.sort(image_of[idx], stable=True).indices
-        return idx[order]
+    def _split_fg_bg(self, proposals):
+        """Sampled RoIs (image-major rows) split into fg and bg: their row indices, grouped by
+        image in row order, and their counts per image."""
+        gt_classes = torch.cat([p.gt_classes for p in proposals])
+        is_fg = (gt_classes >= 0) & (gt_classes < self.num_classes)
+        counts = [len(p) for p in proposals]
+        image_of = torch.repeat_interleave(torch.arange(len(counts), device=gt_classes.device),
+                                           torch.as_tensor(counts, device=gt_classes.device))
+        n_fg = [int(v) for v in torch.bincount(image_of[is_fg], minlength=len(counts)).tolist()]
+        n_bg = [c - f for c, f in zip(counts, n_fg)]
+        # rows are image-major, so nonzero's ascending order is already grouped by image
+        fg_idx = is_fg.nonzero(as_tuple=True)[0]
+        bg_idx = (~is_fg).nonzero(as_tuple=True)[0]
+        return gt_classes, image_of, fg_idx, n_fg, bg_idx, n_bg
 
     @staticmethod
     def _graph_nodes(fg_idx, n_fg, mined_idx, mined_image, num_images):

@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""Where a DSIG training step spends its time: torch.profiler over a few steps of a config.
+
+Per config it reports (1) the forward regions the meta-architectures name with
+``record_function`` (student backbone / RPN / box branch, teacher backbone, teacher RoI work,
+graph assembly, node, edge and feature losses), inclusive time per step; (2) the costliest
+backward functions; (3) the marginal cost of each DSIG term, measured as the step time with the
+term switched off, interleaved with the full step in one process. Same models, batch and
+calibration as bench_train_step.py (random weights, lr 0).
+
+Usage: python benchmarks/profile_train_step.py [--configs C ...] [--steps N] [--out DIR]
+Writes profile_train_step_<device>.{json,md}.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_train_step import ROOT, prepare_variant  # noqa: E402
+from common import machine_name  # noqa: E402
+
+DEFAULT_CONFIGS = ["Distillation-FasterRCNN-R18-R50-dsig-1x.yaml",
+                   "Distillation-RetinaNet-R18-R50-dsig-1x.yaml"]
+# term -> config options that switch it off (the rest of the step unchanged)
+ABLATIONS = {
+    "edge loss": ["DISTILL.EDGE_LOSS_ON", "False"],
+    "bg mining (teacher box head on bg RoIs)": ["DISTILL.BG_MINING_ON", "False"],
+    "fg node loss": ["DISTILL.FG_NODE_LOSS_ON", "False"],
+    "bg node loss": ["DISTILL.BG_NODE_LOSS_ON", "False"],
+}
+
+
+def step_times(step, device, steps):
+    times = []
+    for _ in range(steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def profile_regions(step, device, steps):
+    """Inclusive ms per step of the named regions, and the top backward functions."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+    regions, backward = {}, {}
+    for evt in prof.key_averages():
+        ms = evt.cpu_time_total / 1e3 / steps
+        if evt.key.startswith(("student.", "dsig.")):
+            regions[evt.key] = ms
+        elif evt.key.startswith("autograd::engine::evaluate_function: "):
+            backward[evt.key.split(": ", 1)[1]] = ms
+    top = dict(sorted(backward.items(), key=lambda kv: -kv[1])[:12])
+    return regions, top
+
+
+def marginal_costs(config, device, size, batch, steps, applicable):
+    """Seconds per step of the full DSIG step and of each ablation, rounds interleaved."""
+    variants = {"full": prepare_variant(config, "dsig-fused", device, size, batch)[2]}
+    for name, opts in ABLATIONS.items():
+        if name in applicable:
+            variants[name] = prepare_variant(config, "dsig-fused", device, size, batch, opts)[2]
+    times = {name: [] for name in variants}
+    for step in variants.values():
+        step()  # warm-up
+    for _ in range(steps):
+        for name, step in variants.items():
+            times[name] += step_times(step, device, 1)
+    full = statistics.median(times["full"])
+    return {name: {"seconds_per_step": statistics.median(t),
+                   "marginal_seconds": full - statistics.median(t) if name != "full" else 0.0}
+            for name, t in times.items()}
+
+
+def markdown(result):
+    lines = [f"# DSIG training-step profile ({result['device']})", "",
+             f"- machine: {result['machine']}", f"- torch {result['torch']}, input "
+             f"{result['size'][0]}x{result['size'][1]}, {result['batch']} images/step, "
+             f"{result['steps']} profiled steps (random weights, lr 0)", ""]
+    for row in result["rows"]:
+        total = row["step_seconds"] * 1e3
+        lines += [f"## {row['config']}", "",
+                  f"Step: {total:.0f} ms (median, not profiled).", "",
+                  "| forward region | ms/step | % of step |", "|---|---:|---:|"]
+        for name, ms in sorted(row["regions"].items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {name} | {ms:.1f} | {100 * ms / total:.1f} |")
+        lines += ["", "| backward function (top 12) | ms/step | % of step |", "|---|---:|---:|"]
+        for name, ms in row["backward"].items():
+            lines.append(f"| {name} | {ms:.1f} | {100 * ms / total:.1f} |")
+        lines += ["", "| DSIG term switched off | s/step | marginal cost of the term, ms "
+                  "| % of the full step |", "|---|---:|---:|---:|"]
+        full = row["marginal"]["full"]["seconds_per_step"]
+        for name, m in row["marginal"].items():
+            cost = m["marginal_seconds"] * 1e3
+            lines.append(f"| {name} | {m['seconds_per_step']:.3f} | "
+                         f"{'' if name == 'full' else f'{cost:.0f}'} | "
+                         f"{'' if name == 'full' else f'{100 * cost / (full * 1e3):.1f}'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
+    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"))
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    a = p.parse_args(argv)
+    size = a.size or ([800, 1333] if a.device == "cuda" else [320, 480])
+    rows = []
+    for config in a.configs:
+        print(f"[profile] {config}", flush=True)
+        cfg, _, step = prepare_variant(config, "dsig-fused", a.device, size, a.batch)
+        step()  # warm-up
+        step_seconds = statistics.median(step_times(step, a.device, a.steps))
+        regions, backward = profile_regions(step, a.device, a.steps)
+        d = cfg.DISTILL
+        on = {"edge loss": d.EDGE_LOSS_ON,
+              "bg mining (teacher box head on bg RoIs)": d.EDGE_LOSS_ON and d.BG_MINING_ON,
+              "fg node loss": d.FG_NODE_LOSS_ON, "bg node loss": d.BG_NODE_LOSS_ON}
+        applicable = [k for k, v in on.items()
+                      if v and not (k.startswith("bg") and "RetinaNet" in config)]
+        marginal = marginal_costs(config, a.device, size, a.batch, a.steps, applicable)
+        rows.append({"config": config, "step_seconds": step_seconds, "regions": regions,
+                     "backward": backward, "marginal": marginal})
+    result = {"device": a.device, "machine": machine_name(a.device), "torch": torch.__version__,
+              "size": size, "batch": a.batch, "steps": a.steps, "rows": rows}
+    os.makedirs(a.out, exist_ok=True)
+    base = os.path.join(a.out, f"profile_train_step_{a.device}")
+    with open(base + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    md = markdown(result)
+    with open(base + ".md", "w") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
