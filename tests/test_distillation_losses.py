@@ -13,8 +13,31 @@ def test_node_loss_is_per_image_element_mean_summed():
     s, t = torch.randn(7, 12, generator=g), torch.randn(7, 12, generator=g)
     counts = [3, 0, 4]
     expected = ((s[:3] - t[:3]) ** 2).mean() + ((s[3:] - t[3:]) ** 2).mean()
-    torch.testing.assert_close(L.fg_node_loss(s, t, counts, 0.5, 1.0), 0.5 * expected)
-    torch.testing.assert_close(L.fg_node_loss(s, t, counts, 0.5, 2 / 3), 0.5 * expected * 2 / 3)
+    rows = L.row_mse(s, t)
+    torch.testing.assert_close(L.fg_node_loss(rows, counts, 0.5, 1.0), 0.5 * expected)
+    torch.testing.assert_close(L.fg_node_loss(rows, counts, 0.5, 2 / 3), 0.5 * expected * 2 / 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_row_mse_gradient_equals_autograd_of_the_formula(dtype):
+    """row_mse's one-pass backward against autograd of mean((S - T)^2) per row; low-precision
+    rows are accumulated in float32 and their gradient comes back in their own dtype."""
+    g = torch.Generator().manual_seed(6)
+    s = torch.randn(6, 2, 5, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    t = torch.randn(6, 2, 5, generator=g, dtype=torch.float64).to(dtype)
+    weights = torch.rand(6, generator=g, dtype=torch.float64)
+    rows = L.row_mse(s, t)
+    assert rows.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    (grad,) = torch.autograd.grad((rows.double() * weights).sum(), s)
+    s_ref = s.detach().double().requires_grad_()
+    ref_rows = (s_ref - t.double()).pow(2).flatten(1).mean(1)
+    (grad_ref,) = torch.autograd.grad((ref_rows * weights).sum(), s_ref)
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(rows.double(), ref_rows.detach(), **tol)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.double(), grad_ref, **tol)
+    empty = L.fg_node_loss(L.row_mse(s[:0], t[:0]), [0, 0], 0.5, 1.0)
+    assert empty.item() == 0 and empty.requires_grad  # stays connected to the graph
 
 
 def test_adaptive_background_weight():
@@ -25,7 +48,8 @@ def test_adaptive_background_weight():
     s, t = torch.randn(9, 5, generator=g), torch.randn(9, 5, generator=g)
     w = L.adaptive_bg_weights([2, 6], [4, 5], 7.5)
     expected = w[0] * ((s[:4] - t[:4]) ** 2).mean() + w[1] * ((s[4:] - t[4:]) ** 2).mean()
-    torch.testing.assert_close(L.bg_node_loss(s, t, [4, 5], w, 0.5, 1.0), 0.5 * expected)
+    torch.testing.assert_close(L.bg_node_loss(L.row_mse(s, t), [4, 5], w, 0.5, 1.0),
+                               0.5 * expected)
 
 
 def test_image_reduction():
@@ -78,8 +102,8 @@ def test_roi_reg_kd_on_gt_class_deltas_of_fg():
 def test_everything_zero_when_student_equals_teacher():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(10, 8, generator=g).abs()
-    assert L.fg_node_loss(x, x, [4, 6], 0.5, 1.0) == 0
-    assert L.bg_node_loss(x, x, [4, 6], [1.0, 2.0], 0.5, 1.0) == 0
+    assert L.fg_node_loss(L.row_mse(x, x), [4, 6], 0.5, 1.0) == 0
+    assert L.bg_node_loss(L.row_mse(x, x), [4, 6], [1.0, 2.0], 0.5, 1.0) == 0
     assert L.edge_loss(x, x, [4, 6], 2.0, 1.0).abs() < 1e-12
     assert L.roi_cls_kd_loss(x, x, 1.0, 3.0).abs() < 1e-7
     assert L.feature_map_loss({"p2": x}, {"p2": x}, ["p2"], 0.5) == 0

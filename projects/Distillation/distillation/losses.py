@@ -23,24 +23,48 @@ def image_reduction_factor(num_images: int, mode: str, reference_images: int) ->
     raise ValueError(f"DISTILL.IMAGE_REDUCTION must be 'sum' or 'mean', got {mode!r}")
 
 
-def per_image_mse(student: torch.Tensor, teacher: torch.Tensor,
-                  counts: Sequence[int]) -> torch.Tensor:
-    """[B] vector: mean((S_b - T_b)^2) over the n_b rows x D elements of each image; 0 where
-    n_b = 0 (still connected to the graph)."""
-    sq = (student - teacher.detach()).pow(2).flatten(1).mean(dim=1)  # per row
-    out = []
-    start = 0
-    for n in counts:
-        rows = sq[start:start + n]
-        out.append(rows.mean() if n > 0 else sq.sum() * 0.0)
-        start += n
-    return torch.stack(out) if out else sq.sum() * 0.0
+class _RowMSE(torch.autograd.Function):
+    """e_r = mean_d (s_rd - t_rd)^2 with t constant, in float32 (float64 for float64 inputs).
+    One pass each way: the forward keeps s - t, the backward is 2 g_r (s_r - t_r) / D."""
+
+    @staticmethod
+    def forward(ctx, student, teacher):
+        acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+        diff = student.to(acc) - teacher.to(acc)
+        ctx.save_for_backward(diff)
+        ctx.dtype = student.dtype
+        return torch.einsum("rd,rd->r", diff, diff) / max(diff.shape[1], 1)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (diff,) = ctx.saved_tensors
+        scale = grad_rows.to(diff.dtype) * (2.0 / max(diff.shape[1], 1))
+        return (diff * scale[:, None]).to(ctx.dtype), None
 
 
-def fg_node_loss(s_fg: torch.Tensor, t_fg: torch.Tensor, n_fg: Sequence[int], weight: float,
+def row_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """[R] vector e_r = ||S_r - T_r||^2 / D over the flattened rows (the teacher detached).
+    Computed once over all pooled RoIs, the fg and bg node losses select their rows of it
+    (no [R, D] gathers, whose backward would each fill a zero [R, D] gradient)."""
+    return _RowMSE.apply(student.flatten(1), teacher.detach().flatten(1))
+
+
+def per_image_mean(row_errors: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """[B] vector: the mean of e_r over the n_b consecutive rows of each image; 0 where n_b = 0
+    (still connected to the graph)."""
+    counts = list(counts)
+    image = torch.repeat_interleave(torch.arange(len(counts), device=row_errors.device),
+                                    torch.as_tensor(counts, device=row_errors.device))
+    sums = row_errors.new_zeros(len(counts)).index_add(0, image, row_errors)
+    n = torch.as_tensor(counts, dtype=sums.dtype, device=sums.device).clamp(min=1)
+    return sums / n
+
+
+def fg_node_loss(row_errors: torch.Tensor, n_fg: Sequence[int], weight: float,
                  c: float) -> torch.Tensor:
-    """L_fg = w_fg * c * sum_b ||F^s_b - F^t_b||^2 / (n_fg,b * D)."""
-    return weight * c * per_image_mse(s_fg, t_fg, n_fg).sum()
+    """L_fg = w_fg * c * sum_b ||F^s_b - F^t_b||^2 / (n_fg,b * D), from the fg rows' e_r
+    (row_mse), image by image."""
+    return weight * c * per_image_mean(row_errors, n_fg).sum()
 
 
 def adaptive_bg_weights(n_fg: Sequence[int], n_bg: Sequence[int], alpha: float) -> List[float]:
@@ -48,11 +72,11 @@ def adaptive_bg_weights(n_fg: Sequence[int], n_bg: Sequence[int], alpha: float) 
     return [alpha * f / b if b > 0 else 0.0 for f, b in zip(n_fg, n_bg)]
 
 
-def bg_node_loss(s_bg: torch.Tensor, t_bg: torch.Tensor, n_bg: Sequence[int],
+def bg_node_loss(row_errors: torch.Tensor, n_bg: Sequence[int],
                  image_weights: Sequence[float], weight: float, c: float) -> torch.Tensor:
-    """L_bg = w_bg * c * sum_b a_b * ||G^s_b - G^t_b||^2 / (n_bg,b * D), with a_b the adaptive
-    weight alpha * n_fg,b / n_bg,b (or 1)."""
-    per_image = per_image_mse(s_bg, t_bg, n_bg)
+    """L_bg = w_bg * c * sum_b a_b * ||G^s_b - G^t_b||^2 / (n_bg,b * D), from the bg rows' e_r
+    (row_mse), with a_b the adaptive weight alpha * n_fg,b / n_bg,b (or 1)."""
+    per_image = per_image_mean(row_errors, n_bg)
     a = torch.as_tensor(list(image_weights), dtype=per_image.dtype, device=per_image.device)
     return weight * c * (a * per_image).sum()
 

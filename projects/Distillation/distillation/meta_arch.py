@@ -165,13 +165,15 @@ class DistillationRCNN(nn.Module):
         s_flat, t_flat = pooled.flatten(1), t_pooled.flatten(1)
         kd = {}
         with region("dsig.node_losses"):
+            if d.FG_NODE_LOSS_ON or d.BG_NODE_LOSS_ON:
+                row_errors = L.row_mse(s_flat, t_flat)  # every sampled RoI, one pass
             if d.FG_NODE_LOSS_ON:
-                kd["loss_dsig_fg_node"] = L.fg_node_loss(s_flat[fg_idx], t_flat[fg_idx], n_fg,
+                kd["loss_dsig_fg_node"] = L.fg_node_loss(row_errors[fg_idx], n_fg,
                                                          d.FG_NODE_LOSS_WEIGHT, c)
             if d.BG_NODE_LOSS_ON:
                 a = (L.adaptive_bg_weights(n_fg, n_bg, d.BG_WEIGHT_ALPHA)
                      if d.BG_ADAPTIVE_WEIGHT_ON else [1.0] * len(counts))
-                kd["loss_dsig_bg_node"] = L.bg_node_loss(s_flat[bg_idx], t_flat[bg_idx], n_bg, a,
+                kd["loss_dsig_bg_node"] = L.bg_node_loss(row_errors[bg_idx], n_bg, a,
                                                          d.BG_NODE_LOSS_WEIGHT, c)
         if d.EDGE_LOSS_ON:
             kd["loss_dsig_edge"] = self._edge_term(s_flat, t_flat, boxes, fg_idx, n_fg, bg_idx,

@@ -5,7 +5,7 @@ from typing import Dict, List
 import torch
 from detectron2.layers import batched_nms, cat
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
-from detectron2.structures import ImageList
+from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 from torch.profiler import record_function as region  # names the profile's rows
 
@@ -55,22 +55,40 @@ class DistillationRetinaNet(nn.Module):
 
     @torch.no_grad()
     def student_detections(self, images: ImageList, features, predictions):
-        """The node boxes: the student's current detections (detached)."""
+        """The node boxes: the student's current detections (detached), as its inference would
+        give them with the node settings, for all images at once: per level one top-k over
+        every image's (anchor, class) logits (the sigmoid is monotonic, so it is applied to the
+        winners only; a full sort of millions of scores, as detectron2's decoding does, costs
+        ~0.15 s per level on a CPU), then one class-wise NMS over images and levels."""
         s, d = self.student, self.cfg_distill
+        num_classes = s.num_classes
         logits, deltas = s._transpose_dense_predictions(
             [[p.detach() for p in predictions[0]], [p.detach() for p in predictions[1]]],
-            [s.num_classes, 4])
+            [num_classes, 4])
         anchors = s.anchor_generator(features)
+        boxes, scores, classes = [], [], []
+        for a, x, r in zip(anchors, logits, deltas):  # x [N, A, K], r [N, A, 4]
+            flat = x.flatten(1)
+            top, idx = flat.topk(min(d.NODE_TOPK_PER_LEVEL, flat.shape[1]), dim=1)
+            anchor_idx = idx // num_classes
+            r_sel = torch.gather(r, 1, anchor_idx.unsqueeze(-1).expand(-1, -1, 4))
+            decoded = s.box2box_transform.apply_deltas(r_sel.reshape(-1, 4),
+                                                       a.tensor[anchor_idx.reshape(-1)])
+            boxes.append(decoded.reshape(r_sel.shape))
+            scores.append(top.sigmoid())
+            classes.append(idx % num_classes)
+        boxes, scores, classes = cat(boxes, 1), cat(scores, 1), cat(classes, 1)
+        image = torch.arange(len(images), device=boxes.device)[:, None].expand_as(scores)
+        valid = (scores > d.NODE_SCORE_THRESH).flatten()
+        flat_boxes, flat_scores = boxes.reshape(-1, 4)[valid], scores.flatten()[valid]
+        flat_classes, flat_image = classes.flatten()[valid], image.flatten()[valid]
+        keep = batched_nms(flat_boxes, flat_scores, flat_image * num_classes + flat_classes,
+                           d.NODE_NMS_THRESH)  # by decreasing score
         results = []
         for i, image_size in enumerate(images.image_sizes):
-            per_level = [s._decode_per_level_predictions(a, x[i].sigmoid(), r[i],
-                                                         d.NODE_SCORE_THRESH,
-                                                         d.NODE_TOPK_PER_LEVEL, image_size)
-                         for a, x, r in zip(anchors, logits, deltas)]
-            pred = per_level[0].cat(per_level)
-            keep = batched_nms(pred.pred_boxes.tensor, pred.scores, pred.pred_classes,
-                               d.NODE_NMS_THRESH)
-            results.append(pred[keep[: d.NODE_MAX_PER_IMAGE]])
+            mine = keep[flat_image[keep] == i][: d.NODE_MAX_PER_IMAGE]
+            results.append(Instances(image_size, pred_boxes=Boxes(flat_boxes[mine]),
+                                     scores=flat_scores[mine], pred_classes=flat_classes[mine]))
         return results
 
     def forward(self, batched_inputs: List[Dict]):
@@ -104,7 +122,7 @@ class DistillationRetinaNet(nn.Module):
         c = L.image_reduction_factor(len(batched_inputs), d.IMAGE_REDUCTION, d.REFERENCE_IMAGES)
         if d.FG_NODE_LOSS_ON:
             with region("dsig.node_losses"):
-                losses["loss_dsig_node"] = L.fg_node_loss(s_nodes, t_nodes, counts,
+                losses["loss_dsig_node"] = L.fg_node_loss(L.row_mse(s_nodes, t_nodes), counts,
                                                           d.FG_NODE_LOSS_WEIGHT, c)
         if d.EDGE_LOSS_ON:
             with region("dsig.edge_loss"):
