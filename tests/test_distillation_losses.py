@@ -107,3 +107,15 @@ def test_everything_zero_when_student_equals_teacher():
     assert L.edge_loss(x, x, [4, 6], 2.0, 1.0).abs() < 1e-12
     assert L.roi_cls_kd_loss(x, x, 1.0, 3.0).abs() < 1e-7
     assert L.feature_map_loss({"p2": x}, {"p2": x}, ["p2"], 0.5) == 0
+
+
+def test_feature_loss_levels_follow_the_detector_and_unknown_ones_fail():
+    from distillation.config import resolve_feature_loss_levels
+
+    retina = ["p3", "p4", "p5", "p6", "p7"]
+    assert resolve_feature_loss_levels([], retina, retina) == retina
+    assert resolve_feature_loss_levels(["p4", "p6"], retina, retina) == ["p4", "p6"]
+    with pytest.raises(ValueError, match="unknown level 'p2'.*p3, p4, p5, p6, p7"):
+        resolve_feature_loss_levels(["p2", "p3"], retina, retina)
+    with pytest.raises(ValueError, match="teacher has no level 'p7'"):
+        resolve_feature_loss_levels(["p7"], retina, retina[:-1])

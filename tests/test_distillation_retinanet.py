@@ -74,6 +74,14 @@ def _batch(cfg):
     return next(iter(build_detection_train_loader(cfg)))
 
 
+def test_feature_loss_levels_default_to_the_heads_and_unknown_ones_fail(dataset, tmp_path):
+    model = model_of(config(RETINANET_CONFIGS[1], tmp_path, ["DISTILL.FEATURE_LOSS_LEVELS", "[]"]))
+    assert model.feature_loss_levels == ["p3", "p4", "p5", "p6", "p7"]
+    with pytest.raises(ValueError, match="unknown level 'p2'"):
+        model_of(config(RETINANET_CONFIGS[1], tmp_path,
+                        ["DISTILL.FEATURE_LOSS_LEVELS", "['p2', 'p3']"]))
+
+
 def test_nodes_are_the_students_post_nms_detections(dataset, tmp_path):
     cfg = config(RETINANET_CONFIGS[1], tmp_path)
     model = model_of(cfg)

@@ -50,7 +50,9 @@ def add_distillation_config(cfg):
     # --- optional terms ------------------------------------------------------------------------
     _C.DISTILL.FEATURE_LOSS_ON = False  # full-map FPN MSE
     _C.DISTILL.FEATURE_LOSS_WEIGHT = 0.5
-    _C.DISTILL.FEATURE_LOSS_LEVELS = ["p2", "p3", "p4", "p5", "p6"]
+    # empty: every level the detector uses (p2-p6 for Faster R-CNN, the head's p3-p7 for
+    # RetinaNet); a name the student or teacher lacks is an error
+    _C.DISTILL.FEATURE_LOSS_LEVELS = []
     _C.DISTILL.ROI_CLS_KD_ON = False  # KL(teacher || student) over the sampled RoIs
     _C.DISTILL.ROI_CLS_KD_WEIGHT = 3.0
     _C.DISTILL.ROI_CLS_KD_TEMPERATURE = 1.0
@@ -71,3 +73,19 @@ def add_distillation_config(cfg):
     _C.DISTILL.IMAGE_REDUCTION = "mean"
     _C.DISTILL.REFERENCE_IMAGES = 2
     return cfg
+
+
+def resolve_feature_loss_levels(requested, detector_levels, teacher_levels):
+    """The FPN levels the feature loss imitates: `requested` (DISTILL.FEATURE_LOSS_LEVELS), or
+    all of `detector_levels` when it is empty. Raises for a level the student's detector does not
+    use or the teacher does not produce, listing the available ones."""
+    levels = list(requested) or list(detector_levels)
+    for level in levels:
+        if level not in detector_levels:
+            raise ValueError(f"DISTILL.FEATURE_LOSS_LEVELS: unknown level {level!r}; the "
+                             f"student uses {', '.join(detector_levels)} (an empty list means "
+                             "all of them)")
+        if level not in teacher_levels:
+            raise ValueError(f"DISTILL.FEATURE_LOSS_LEVELS: the teacher has no level {level!r}; "
+                             f"it has {', '.join(teacher_levels)}")
+    return levels

@@ -11,6 +11,7 @@ from torch.profiler import record_function as region  # names the profile's rows
 import dsig_ext
 
 from . import losses as L
+from .config import resolve_feature_loss_levels
 from .teacher import build_teacher, needs_channel_flip, teacher_images
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ class DistillationRCNN(nn.Module):
         self.num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
         self.cfg_distill = d.clone()
         self.teacher_in_features = tcfg.MODEL.ROI_HEADS.IN_FEATURES
+        self.feature_loss_levels = resolve_feature_loss_levels(
+            d.FEATURE_LOSS_LEVELS, list(self.student.backbone.output_shape()),
+            list(self.teacher.backbone.output_shape()))
         # set again by DistillationCheckpointer when a checkpoint brings teacher.* weights
         self.teacher_weights_loaded = bool(cfg.DISTILL.TEACHER.WEIGHTS)
         self.record_graph, self.last_graph = False, None
@@ -129,7 +133,7 @@ class DistillationRCNN(nn.Module):
         if self.cfg_distill.FEATURE_LOSS_ON:
             with region("dsig.feature_loss"):
                 losses["loss_dsig_feature"] = L.feature_map_loss(
-                    features, t_features, self.cfg_distill.FEATURE_LOSS_LEVELS,
+                    features, t_features, self.feature_loss_levels,
                     self.cfg_distill.FEATURE_LOSS_WEIGHT)
         return losses
 

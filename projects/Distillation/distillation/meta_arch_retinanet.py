@@ -12,6 +12,7 @@ from torch.profiler import record_function as region  # names the profile's rows
 import dsig_ext
 
 from . import losses as L
+from .config import resolve_feature_loss_levels
 from .teacher import build_teacher, needs_channel_flip, teacher_images
 
 
@@ -42,6 +43,9 @@ class DistillationRetinaNet(nn.Module):
             canonical_level=4, backend=self.backend)
         self.flip_teacher_input = needs_channel_flip(cfg.INPUT.FORMAT, tcfg.INPUT.FORMAT)
         self.cfg_distill = cfg.DISTILL.clone()
+        self.feature_loss_levels = resolve_feature_loss_levels(
+            cfg.DISTILL.FEATURE_LOSS_LEVELS, list(self.student.head_in_features),
+            list(self.teacher.head_in_features))
         self.teacher_weights_loaded = bool(cfg.DISTILL.TEACHER.WEIGHTS)
 
     def train(self, mode: bool = True):
@@ -132,9 +136,8 @@ class DistillationRetinaNet(nn.Module):
         if d.FEATURE_LOSS_ON:
             named_s = dict(zip(s.head_in_features, features))
             named_t = dict(zip(s.head_in_features, t_features))
-            levels = [f for f in d.FEATURE_LOSS_LEVELS if f in named_s] or s.head_in_features
-            losses["loss_dsig_feature"] = L.feature_map_loss(named_s, named_t, levels,
-                                                             d.FEATURE_LOSS_WEIGHT)
+            losses["loss_dsig_feature"] = L.feature_map_loss(
+                named_s, named_t, self.feature_loss_levels, d.FEATURE_LOSS_WEIGHT)
         if dense_kd:
             losses.update(self._dense_kd(features, predictions, t_predictions, gt_instances))
         return losses
