@@ -4,12 +4,20 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "../edge_loss.h"
 #include "../edge_loss_common.h"
 
 namespace dsig {
 namespace ops {
 namespace {
+
+// Rows per parallel chunk: a row of the block-diagonal matrix costs about its graph's size, at
+// most N; tiny problems stay on the calling thread.
+int64_t row_grain(int64_t N) {
+  return std::max<int64_t>(16, at::internal::GRAIN_SIZE / std::max<int64_t>(1, N));
+}
 
 GraphLayout layout_cpu(const at::Tensor& offsets, int64_t num_rows, const at::Device& /*device*/,
                        const char* op) {
@@ -81,7 +89,7 @@ void normalize_cpu(at::Tensor& gram, const at::Tensor& ranges, double eps, at::T
       r[i] = detail::clamped_norm(n, e);
       lv[i] = detail::live_row(n, e);
     }
-    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N, row_grain(N), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
         for (int64_t j = rg[2 * i]; j < rg[2 * i + 1]; ++j)
           g[i * N + j] = detail::edge_entry(g[i * N + j], r[i], r[j]);
@@ -139,7 +147,7 @@ void factor_cpu(at::Tensor& s, const at::Tensor& edges, const at::Tensor& ranges
     const scalar_t* e = edges.data_ptr<scalar_t>();
     const scalar_t* r = norms.data_ptr<scalar_t>();
     const bool* lv = live.data_ptr<bool>();
-    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N, row_grain(N), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         scalar_t dot = scalar_t(0);
         if (lv[i])

@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 #include <vector>
 
@@ -25,6 +26,15 @@ namespace {
 
 using detail::AxisTap;
 using detail::RoiGeometry;
+
+// Items per parallel chunk so that a chunk holds about at::internal::GRAIN_SIZE elementary
+// steps: tiny problems stay on the calling thread (a parallel region opened for microseconds of
+// work can wait milliseconds for a descheduled thread on a busy machine).
+int64_t grain_for(int64_t steps_per_item) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, steps_per_item));
+}
+
+constexpr int64_t kTapsPerBin = 4;  // at least one bilinear sample of four taps per bin
 
 template <typename acc_t>
 RoiGeometry<acc_t> geometry_of(const acc_t* roi, const std::vector<double>& scales, int64_t level,
@@ -96,7 +106,7 @@ void forward_impl(const std::vector<at::Tensor>& feats, const at::Tensor& rois,
   const acc_t* roi_data = rois.data_ptr<acc_t>();
   const int64_t* lvl = levels.data_ptr<int64_t>();
   scalar_t* out_data = out.data_ptr<scalar_t>();
-  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, K, grain_for(C * ph * pw * kTapsPerBin), [&](int64_t begin, int64_t end) {
     std::vector<AxisTap<acc_t>> ytaps, xtaps;
     SampleTable<acc_t> table;
     for (int64_t k = begin; k < end; ++k) {
@@ -143,7 +153,8 @@ void backward_scatter_impl(const at::Tensor& grad, const at::Tensor& rois,
                 g3 = grad.stride(3);
   // Threads own channel ranges; within a range RoIs are the outer loop so each sample table
   // is reused for all the range's channels. Per element the order stays (RoI, bin, sample).
-  const int64_t grain = std::max<int64_t>(1, C / std::max(1, at::get_num_threads()));
+  const int64_t grain = std::max(C / std::max(1, at::get_num_threads()),
+                                 grain_for(K * ph * pw * kTapsPerBin));
   at::parallel_for(0, C, grain, [&](int64_t c_begin, int64_t c_end) {
     std::vector<AxisTap<acc_t>> ytaps, xtaps;
     SampleTable<acc_t> table;
@@ -224,7 +235,7 @@ void backward_gather_impl(const at::Tensor& grad, const at::Tensor& rois,
   const acc_t* roi_data = rois.data_ptr<acc_t>();
   const int64_t* lvl = levels.data_ptr<int64_t>();
   std::vector<Footprint<acc_t>> fps(K);
-  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, K, grain_for((ph + pw) * 64), [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const RoiGeometry<acc_t> g =
           geometry_of(roi_data + 5 * k, scales, lvl[k], ph, pw, sampling_ratio, aligned);
@@ -235,7 +246,8 @@ void backward_gather_impl(const at::Tensor& grad, const at::Tensor& rois,
   const scalar_t* gdata = grad.data_ptr<scalar_t>();
   const int64_t g0 = grad.stride(0), g1 = grad.stride(1), g2 = grad.stride(2),
                 g3 = grad.stride(3);
-  at::parallel_for(0, C, 1, [&](int64_t c_begin, int64_t c_end) {
+  at::parallel_for(0, C, grain_for(K * ph * pw * kTapsPerBin), [&](int64_t c_begin,
+                                                                      int64_t c_end) {
     std::vector<acc_t> t1;
     for (int64_t c = c_begin; c < c_end; ++c) {
       for (int64_t k = 0; k < K; ++k) {
