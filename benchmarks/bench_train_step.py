@@ -38,6 +38,7 @@ CONFIGS = [
     "Distillation-RetinaNet-EB0-R101-dsig-1x.yaml",
 ]
 VARIANTS = ["student", "student+teacher", "dsig-reference", "dsig-fused"]
+AMP_VARIANT = "dsig-fused-amp"  # (e) float16 autocast + gradient scaler, GPU runs only
 
 
 def _calibrate_frozen_bn(model, batch_images):
@@ -113,8 +114,11 @@ def prepare_variant(config, variant, device, size, batch_size, extra_opts=()):
     # lr 0: the same work per step, and random-weight networks cannot diverge mid-benchmark
     opt = torch.optim.SGD(params, lr=0.0, momentum=0.9)
 
+    amp = variant == AMP_VARIANT
+    scaler = torch.amp.GradScaler(device) if amp else None
+
     def step():
-        with EventStorage():
+        with EventStorage(), torch.autocast(device, dtype=torch.float16, enabled=amp):
             losses = net(batch)
         if variant == "student+teacher":
             with torch.no_grad():
@@ -122,8 +126,13 @@ def prepare_variant(config, variant, device, size, batch_size, extra_opts=()):
                 teacher.backbone(t_img.tensor)
         loss = sum(losses.values())
         opt.zero_grad()
-        loss.backward()
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
 
     return cfg, model, step
 
@@ -161,16 +170,26 @@ def markdown(result):
              f"- machine: {result['machine']}",
              f"- torch {result['torch']}, input {result['size'][0]}x{result['size'][1]}, "
              f"{result['batch']} images/iteration, median of {result['iters']} iterations",
-             "", "| config | (a) student s/it | (b) +teacher fwd | (c) DSIG reference | "
-             "(d) DSIG fused | overhead (d)/(b) | speed-up (c)/(d) | peak MiB a/b/c/d |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+             ""]
+    amp = any(AMP_VARIANT in r["variants"] for r in result["rows"])
+    head = ("| config | (a) student s/it | (b) +teacher fwd | (c) DSIG reference | "
+            "(d) DSIG fused | overhead (d)/(b) | cost (d)/(a) | speed-up (c)/(d) |")
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    if amp:
+        head += " (e) DSIG fused, fp16 AMP | (d)/(e) |"
+        rule += "---:|---:|"
+    lines += [head + " peak MiB a/b/c/d |", rule + "---|"]
     for r in result["rows"]:
         v = r["variants"]
         s = [v[k]["seconds_per_iter"] for k in VARIANTS]
         mem = "/".join(f"{v[k]['peak_memory_mib']:.0f}" for k in VARIANTS)
-        lines.append(f"| {r['config'].replace('-dsig-1x.yaml', '')} | {s[0]:.3f} | {s[1]:.3f} | "
-                     f"{s[2]:.3f} | {s[3]:.3f} | {r['overhead']:.2f} | {r['speedup']:.2f}x | "
-                     f"{mem} |")
+        line = (f"| {r['config'].replace('-dsig-1x.yaml', '')} | {s[0]:.3f} | {s[1]:.3f} | "
+                f"{s[2]:.3f} | {s[3]:.3f} | {r['overhead']:.2f} | {s[3] / s[0]:.2f} | "
+                f"{r['speedup']:.2f}x |")
+        if amp:
+            e = v[AMP_VARIANT]["seconds_per_iter"]
+            line += f" {e:.3f} | {s[3] / e:.2f}x |"
+        lines.append(line + f" {mem} |")
     return "\n".join(lines) + "\n"
 
 
@@ -208,6 +227,8 @@ def main():
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--configs", nargs="*", default=CONFIGS)
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time (e), float16 autocast (default: on CUDA only)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--one", nargs=2, metavar=("CONFIG", "VARIANT"), help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -217,10 +238,11 @@ def main():
         print(json.dumps(run_variant(a.one[0], a.one[1], a.device, size, a.batch, iters,
                                      a.warmup)))
         return
+    amp = a.device == "cuda" if a.amp is None else a.amp
     rows = []
     for config in a.configs:
         variants = {}
-        for variant in VARIANTS:
+        for variant in VARIANTS + ([AMP_VARIANT] if amp else []):
             print(f"[bench] {config} {variant}", flush=True)
             cmd = [sys.executable, os.path.abspath(__file__), "--one", config, variant,
                    "--device", a.device, "--size", str(size[0]), str(size[1]), "--batch",

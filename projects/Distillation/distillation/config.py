@@ -6,6 +6,11 @@ def add_distillation_config(cfg):
     """Add the keys of this project to a detectron2 config (in place)."""
     _C = cfg
 
+    # --- mixed precision: SOLVER.AMP.ENABLED trains under torch.autocast on MODEL.DEVICE ----
+    # "auto": float16 with a gradient scaler on CUDA (detectron2's AMPTrainer), bfloat16 on the
+    # CPU (its only autocast dtype); or "float16" / "bfloat16"
+    _C.SOLVER.AMP.PRECISION = "auto"
+
     # --- students built from torchvision model definitions ----------------------------------
     _C.MODEL.MOBILENETV2 = CN()
     _C.MODEL.MOBILENETV2.OUT_FEATURES = ["m2", "m3", "m4", "m5"]

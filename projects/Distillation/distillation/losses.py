@@ -4,12 +4,42 @@ Notation: per image b, F^s_b / F^t_b are the student / teacher pooled features o
 foreground RoIs (n_fg,b rows of D = 256*7*7), G^s_b / G^t_b those of its sampled background RoIs
 (n_bg,b rows); c is the image reduction factor (1 for "sum", REFERENCE_IMAGES / B for "mean").
 """
+import functools
 from typing import Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
 
 import dsig_ext
+
+
+def _tensors(values):
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, dict):
+            yield from _tensors(v.values())
+
+
+def _to_float32(v):
+    if isinstance(v, torch.Tensor) and v.dtype in (torch.float16, torch.bfloat16):
+        return v.float()
+    if isinstance(v, dict):
+        return {k: _to_float32(x) for k, x in v.items()}
+    return v
+
+
+def in_float32(term):
+    """Runs a loss term outside autocast, its 16-bit tensor arguments (also inside dicts) cast to
+    float32: under mixed precision the DSIG terms stay float32 (MSEs of close features, cosines,
+    softmaxes are precision-sensitive); the gradients flow back in the inputs' own dtype."""
+    @functools.wraps(term)
+    def wrapper(*args, **kwargs):
+        first = next(_tensors(list(args) + list(kwargs.values())), None)
+        device = first.device.type if first is not None else "cpu"
+        with torch.autocast(device, enabled=False):
+            return term(*map(_to_float32, args), **{k: _to_float32(v) for k, v in kwargs.items()})
+    return wrapper
 
 
 def image_reduction_factor(num_images: int, mode: str, reference_images: int) -> float:
@@ -24,24 +54,22 @@ def image_reduction_factor(num_images: int, mode: str, reference_images: int) ->
 
 
 class _RowMSE(torch.autograd.Function):
-    """e_r = mean_d (s_rd - t_rd)^2 with t constant, in float32 (float64 for float64 inputs).
-    One pass each way: the forward keeps s - t, the backward is 2 g_r (s_r - t_r) / D."""
+    """e_r = mean_d (s_rd - t_rd)^2 with t constant. One pass each way: the forward keeps
+    s - t, the backward is 2 g_r (s_r - t_r) / D."""
 
     @staticmethod
     def forward(ctx, student, teacher):
-        acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-        diff = student.to(acc) - teacher.to(acc)
+        diff = student - teacher
         ctx.save_for_backward(diff)
-        ctx.dtype = student.dtype
         return torch.einsum("rd,rd->r", diff, diff) / max(diff.shape[1], 1)
 
     @staticmethod
     def backward(ctx, grad_rows):
         (diff,) = ctx.saved_tensors
-        scale = grad_rows.to(diff.dtype) * (2.0 / max(diff.shape[1], 1))
-        return (diff * scale[:, None]).to(ctx.dtype), None
+        return diff * (grad_rows * (2.0 / max(diff.shape[1], 1)))[:, None], None
 
 
+@in_float32
 def row_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """[R] vector e_r = ||S_r - T_r||^2 / D over the flattened rows (the teacher detached).
     Computed once over all pooled RoIs, the fg and bg node losses select their rows of it
@@ -60,6 +88,7 @@ def per_image_mean(row_errors: torch.Tensor, counts: Sequence[int]) -> torch.Ten
     return sums / n
 
 
+@in_float32
 def fg_node_loss(row_errors: torch.Tensor, n_fg: Sequence[int], weight: float,
                  c: float) -> torch.Tensor:
     """L_fg = w_fg * c * sum_b ||F^s_b - F^t_b||^2 / (n_fg,b * D), from the fg rows' e_r
@@ -72,6 +101,7 @@ def adaptive_bg_weights(n_fg: Sequence[int], n_bg: Sequence[int], alpha: float) 
     return [alpha * f / b if b > 0 else 0.0 for f, b in zip(n_fg, n_bg)]
 
 
+@in_float32
 def bg_node_loss(row_errors: torch.Tensor, n_bg: Sequence[int],
                  image_weights: Sequence[float], weight: float, c: float) -> torch.Tensor:
     """L_bg = w_bg * c * sum_b a_b * ||G^s_b - G^t_b||^2 / (n_bg,b * D), from the bg rows' e_r
@@ -105,6 +135,7 @@ def mine_background(teacher_bg_logits: torch.Tensor, background_label: int, thre
     return mask
 
 
+@in_float32
 def edge_loss(s_nodes: torch.Tensor, t_nodes: torch.Tensor, counts: Sequence[int], weight: float,
               c: float, backend: str = "fused", zero_dead_rows: bool = False) -> torch.Tensor:
     """L_edge = w_edge * c * sum_b 0.5 * mean((A^t_b - A^s_b)^2), A_b = cosine Gram of the
@@ -117,10 +148,16 @@ def edge_loss(s_nodes: torch.Tensor, t_nodes: torch.Tensor, counts: Sequence[int
 
 def feature_map_loss(s_features: Dict[str, torch.Tensor], t_features: Dict[str, torch.Tensor],
                      levels: Sequence[str], weight: float) -> torch.Tensor:
-    """L_feat = w_feat * sum_l mean_{n,c,h,w} (P^s_l - P^t_l)^2 over the listed FPN levels."""
-    return weight * sum(F.mse_loss(s_features[l], t_features[l].detach()) for l in levels)
+    """L_feat = w_feat * sum_l mean_{n,c,h,w} (P^s_l - P^t_l)^2 over the listed FPN levels
+    (in float32, as in_float32, casting only the listed levels)."""
+    def level_mse(s, t):
+        with torch.autocast(s.device.type, enabled=False):
+            return F.mse_loss(_to_float32(s), _to_float32(t.detach()))
+
+    return weight * sum(level_mse(s_features[l], t_features[l]) for l in levels)
 
 
+@in_float32
 def roi_cls_kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float,
                     weight: float) -> torch.Tensor:
     """L_cls = w_cls * T^2 * (1 / (R (K+1))) * sum_r sum_k p^t_rk (log p^t_rk - log p^s_rk),
@@ -134,6 +171,7 @@ def roi_cls_kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature:
     return weight * temperature ** 2 * kl
 
 
+@in_float32
 def roi_reg_kd_loss(s_deltas: torch.Tensor, t_deltas: torch.Tensor, gt_classes: torch.Tensor,
                     num_classes: int, weight: float) -> torch.Tensor:
     """L_reg = w_reg * (1 / R) * sum_{r in fg} sum_j |d^s_{r, c_r, j} - d^t_{r, c_r, j}| on the
@@ -153,6 +191,7 @@ def roi_reg_kd_loss(s_deltas: torch.Tensor, t_deltas: torch.Tensor, gt_classes: 
     return weight * (s_sel - t_sel.detach()).abs().sum() / R
 
 
+@in_float32
 def dense_cls_kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, valid: torch.Tensor,
                       weight: float) -> torch.Tensor:
     """L = w * (1 / (A K)) * sum_{a valid} sum_k p^t_ak (log p^t_ak - log p^s_ak), p = softmax
@@ -165,6 +204,7 @@ def dense_cls_kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, valid: tor
     return weight * kl / s.numel()
 
 
+@in_float32
 def dense_reg_kd_loss(s_deltas: torch.Tensor, t_deltas: torch.Tensor, positive: torch.Tensor,
                       weight: float) -> torch.Tensor:
     """L = w * sum_{a positive} ||d^s_a - d^t_a||_1 / max(1, #positive) (smooth-L1 with beta 0)."""

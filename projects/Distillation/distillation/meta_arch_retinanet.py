@@ -66,9 +66,10 @@ class DistillationRetinaNet(nn.Module):
         ~0.15 s per level on a CPU), then one class-wise NMS over images and levels."""
         s, d = self.student, self.cfg_distill
         num_classes = s.num_classes
+        # float32 under autocast too: box decoding in 16 bits is off by pixels
         logits, deltas = s._transpose_dense_predictions(
-            [[p.detach() for p in predictions[0]], [p.detach() for p in predictions[1]]],
-            [num_classes, 4])
+            [[p.detach().float() for p in predictions[0]],
+             [p.detach().float() for p in predictions[1]]], [num_classes, 4])
         anchors = s.anchor_generator(features)
         boxes, scores, classes = [], [], []
         for a, x, r in zip(anchors, logits, deltas):  # x [N, A, K], r [N, A, 4]

@@ -1,12 +1,13 @@
 """Trainer and set-up shared by train_net.py and the tests."""
 import logging
 import os
+import time
 import weakref
 
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data.datasets import register_coco_instances
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup, hooks
+from detectron2.engine import DefaultTrainer, SimpleTrainer, default_setup, hooks
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
@@ -86,6 +87,61 @@ class ExportStudent(hooks.HookBase):
             logger.info("Exported the student to %s", path)
 
 
+def amp_dtype(cfg) -> torch.dtype:
+    """The autocast dtype of SOLVER.AMP.PRECISION on MODEL.DEVICE."""
+    precision = cfg.SOLVER.AMP.PRECISION
+    if precision == "auto":
+        return torch.float16 if cfg.MODEL.DEVICE.startswith("cuda") else torch.bfloat16
+    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+    if precision not in dtypes:
+        raise ValueError(f"SOLVER.AMP.PRECISION must be 'auto', 'float16' or 'bfloat16', got "
+                         f"{precision!r}")
+    return dtypes[precision]
+
+
+class AutocastTrainer(SimpleTrainer):
+    """detectron2's AMPTrainer step on any device: the forward (teacher included) under
+    torch.autocast in `dtype`; float16 gradients go through a GradScaler, bfloat16 ones need
+    none. The DSIG terms compute in float32 whatever the autocast dtype (losses.py)."""
+
+    def __init__(self, model, data_loader, optimizer, device_type: str, dtype: torch.dtype):
+        super().__init__(model, data_loader, optimizer)
+        self.device_type, self.dtype = device_type, dtype
+        self.grad_scaler = (torch.amp.GradScaler(device_type) if dtype == torch.float16
+                            else None)
+
+    def run_step(self):
+        assert self.model.training, "[AutocastTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            loss_dict = self.model(data)
+            losses = sum(loss_dict.values())
+        self.optimizer.zero_grad()
+        if self.grad_scaler is None:
+            losses.backward()
+        else:
+            self.grad_scaler.scale(losses).backward()
+        self._write_metrics(loss_dict, data_time)
+        if self.grad_scaler is None:
+            self.optimizer.step()
+        else:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+
+    def state_dict(self):
+        ret = super().state_dict()
+        if self.grad_scaler is not None:
+            ret["grad_scaler"] = self.grad_scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self.grad_scaler is not None and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer with the distillation checkpointer, CPU DDP (gloo) support, COCO
     evaluation on the pycocotools path and the student export."""
@@ -99,8 +155,11 @@ class Trainer(DefaultTrainer):
         if comm.get_world_size() > 1:
             ids = [comm.get_local_rank()] if cfg.MODEL.DEVICE.startswith("cuda") else None
             model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
-            model, data_loader, optimizer)
+        if cfg.SOLVER.AMP.ENABLED:
+            self._trainer = AutocastTrainer(model, data_loader, optimizer,
+                                            cfg.MODEL.DEVICE.split(":")[0], amp_dtype(cfg))
+        else:
+            self._trainer = SimpleTrainer(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = DistillationCheckpointer(model, cfg.OUTPUT_DIR,
                                                      trainer=weakref.proxy(self))
