@@ -36,26 +36,34 @@ IMAGE_HW = (800, 1333)
 CHANNELS = 256
 
 
-def timeit(fn, device, warmup, repeat):
-    """Median seconds per call: CUDA events around each call on a GPU, wall clock on the CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
+def timeit(fns, device, warmup, repeat):
+    """Median seconds per call of each function in `fns` (name -> callable), the functions
+    called in turn round by round so that all see the same machine state: CUDA events around
+    each call on a GPU, wall clock on the CPU."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     if device == "cuda":
         torch.cuda.synchronize()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(repeat)]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
+        events = {name: [] for name in fns}
+        for _ in range(repeat):
+            for name, fn in fns.items():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                    enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                events[name].append((start, end))
         torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) / 1e3 for s, e in events)
+        return {name: statistics.median(s.elapsed_time(e) / 1e3 for s, e in pairs)
+                for name, pairs in events.items()}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def make_boxes(n, generator):
@@ -109,21 +117,25 @@ def bench_roi_align(device, batch, rois_per_image, warmup, repeat, dtype=torch.f
                "dsig_ext fused": dsig_ext.MultiLevelRoIAlign(7, SCALES, 0),
                "dsig_ext fused (deterministic)": dsig_ext.MultiLevelRoIAlign(7, SCALES, 0,
                                                                             deterministic=True)}
-    rows = []
-    for name, pooler in poolers.items():
-        def fwd():
+
+    def fwd(pooler):
+        def run():
             with torch.no_grad():
                 pooler(feats, box_arg)
+        return run
 
-        def fwd_bwd():
+    def fwd_bwd(pooler):
+        def run():
             out = pooler(feats, box_arg)
             torch.autograd.grad(out, feats, grad)
+        return run
 
-        rows.append({"op": "multilevel_roi_align", "impl": name, "batch": batch,
-                     "rois_per_image": rois_per_image, "dtype": str(dtype).split(".")[-1],
-                     "forward_ms": 1e3 * timeit(fwd, device, warmup, repeat),
-                     "forward_backward_ms": 1e3 * timeit(fwd_bwd, device, warmup, repeat)})
-    return rows
+    t_fwd = timeit({n: fwd(p) for n, p in poolers.items()}, device, warmup, repeat)
+    t_all = timeit({n: fwd_bwd(p) for n, p in poolers.items()}, device, warmup, repeat)
+    return [{"op": "multilevel_roi_align", "impl": name, "batch": batch,
+             "rois_per_image": rois_per_image, "dtype": str(dtype).split(".")[-1],
+             "forward_ms": 1e3 * t_fwd[name], "forward_backward_ms": 1e3 * t_all[name]}
+            for name in poolers]
 
 
 def edge_workload(device, batch, nodes, dtype, seed=1):
@@ -136,22 +148,26 @@ def edge_workload(device, batch, nodes, dtype, seed=1):
 
 def bench_edge_loss(device, batch, nodes, warmup, repeat, dtype=torch.float32):
     xs, xt, offsets = edge_workload(device, batch, nodes, dtype)
-    rows = []
-    for name, backend in (("per-graph loop (original DSIG)", "reference"),
-                          ("dsig_ext fused", "fused")):
-        def fwd():
+    impls = {"per-graph loop (original DSIG)": "reference", "dsig_ext fused": "fused"}
+
+    def fwd(backend):
+        def run():
             with torch.no_grad():
                 dsig_ext.edge_mse_loss(xs, xt, offsets, backend=backend)
+        return run
 
-        def fwd_bwd():
+    def fwd_bwd(backend):
+        def run():
             loss = dsig_ext.edge_mse_loss(xs, xt, offsets, backend=backend)
             torch.autograd.grad(loss, xs)
+        return run
 
-        rows.append({"op": "edge_mse_loss", "impl": name, "batch": batch, "nodes": nodes,
-                     "dim": xs.shape[1], "dtype": str(dtype).split(".")[-1],
-                     "forward_ms": 1e3 * timeit(fwd, device, warmup, repeat),
-                     "forward_backward_ms": 1e3 * timeit(fwd_bwd, device, warmup, repeat)})
-    return rows
+    t_fwd = timeit({n: fwd(b) for n, b in impls.items()}, device, warmup, repeat)
+    t_all = timeit({n: fwd_bwd(b) for n, b in impls.items()}, device, warmup, repeat)
+    return [{"op": "edge_mse_loss", "impl": name, "batch": batch, "nodes": nodes,
+             "dim": xs.shape[1], "dtype": str(dtype).split(".")[-1],
+             "forward_ms": 1e3 * t_fwd[name], "forward_backward_ms": 1e3 * t_all[name]}
+            for name in impls]
 
 
 def bench_kernels(device, batch, rois_per_image, nodes, warmup, repeat, dtype):
@@ -186,8 +202,9 @@ def bench_kernels(device, batch, rois_per_image, nodes, warmup, repeat, dtype):
     kernels.append(("edge loss forward + backward",
                     roofline.edge_loss_floor_us(batch, nodes, xs.shape[1], elem), edge_fwd_bwd))
     rows = []
+    times = timeit({name: fn for name, _, fn in kernels}, device, warmup, repeat)
     for name, floor_us, fn in kernels:
-        t_us = 1e6 * timeit(fn, device, warmup, repeat)
+        t_us = 1e6 * times[name]
         rows.append({"kernel": name, "batch": batch, "dtype": str(dtype).split(".")[-1],
                      "rois_per_image": rois_per_image if "roi" in name else None,
                      "nodes": nodes if "edge" in name else None, "time_us": t_us,

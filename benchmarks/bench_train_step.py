@@ -1,22 +1,24 @@
 #!/usr/bin/env python
 """Training-step cost of DSIG for the eight configs.
 
-For each config, seconds per training iteration (forward + backward + SGD step) and peak memory of
+For each config, seconds per training iteration (forward + backward + SGD step) of
   (a) the student alone (a stock detectron2 model),
   (b) the student plus the teacher's forward,
   (c) DSIG with dsig_ext's reference backend (detectron2 ROIPooler, per-graph edge loss),
   (d) DSIG with the fused backend,
-and the DSIG overhead (d)/(b) (goal <= 1.15) and the speed-up (c)/(d). On a CPU the input is
-reduced (--size, default 320x480) and the batch is 2 images; on a GPU full size 800x1333.
-Random weights with FrozenBN statistics calibrated on the batch (so activations stay finite);
-random images with a few boxes. Each variant runs in its own process, so peak memory is its own.
+  (e) on a GPU (or with --amp), (d) under float16 autocast with a gradient scaler,
+and the DSIG overhead (d)/(b), the whole distillation cost (d)/(a) and the speed-up (c)/(d).
+The variants of one config run in one process, their steps interleaved round by round, so each
+ratio compares steps taken under the same conditions (peak memory per variant: GPU only). On a
+CPU the input is reduced (--size, default 320x480) and the batch is 2 images; on a GPU full size
+800x1333. Random weights with FrozenBN statistics calibrated on the batch (so activations stay
+finite); random images with a few boxes.
 
 Writes bench_train_step_<device>.{json,md,png} to --out.
 """
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -137,39 +139,42 @@ def prepare_variant(config, variant, device, size, batch_size, extra_opts=()):
     return cfg, model, step
 
 
-def run_variant(config, variant, device, size, batch_size, iters, warmup):
-    """One variant in this process; returns its measurement."""
+def run_config(config, variants, device, size, batch_size, iters, warmup):
+    """All variants of one config in this process, their steps interleaved round by round so
+    that every ratio compares steps taken under the same machine conditions."""
     import torch
 
-    cfg, _, step = prepare_variant(config, variant, device, size, batch_size)
-    stock = "RetinaNet" if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE else "GeneralizedRCNN"
-    for _ in range(warmup):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
+    steps, stock = {}, None
+    for variant in variants:
+        cfg, _, steps[variant] = prepare_variant(config, variant, device, size, batch_size)
+        stock = "RetinaNet" if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE else "GeneralizedRCNN"
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {v: [] for v in variants}
+    peak = {v: 0.0 for v in variants}
     for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
-    return {"config": config, "variant": variant, "stock": stock,
-            "seconds_per_iter": statistics.median(times), "peak_memory_mib": peak}
-
-
+        for variant, step in steps.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+                peak[variant] = max(peak[variant], torch.cuda.max_memory_allocated() / 2**20)
+            times[variant].append(time.perf_counter() - t0)
+    return {v: {"config": config, "variant": v, "stock": stock,
+                "seconds_per_iter": statistics.median(times[v]),
+                "peak_memory_mib": peak[v] if device == "cuda" else None} for v in variants}
 
 
 def markdown(result):
     lines = [f"# DSIG training-step benchmark ({result['device']})", "",
              f"- machine: {result['machine']}",
              f"- torch {result['torch']}, input {result['size'][0]}x{result['size'][1]}, "
-             f"{result['batch']} images/iteration, median of {result['iters']} iterations",
+             f"{result['batch']} images/iteration, median of {result['iters']} iterations, the "
+             "variants of a config interleaved in one process (peak memory: GPU runs only)",
              ""]
     amp = any(AMP_VARIANT in r["variants"] for r in result["rows"])
     head = ("| config | (a) student s/it | (b) +teacher fwd | (c) DSIG reference | "
@@ -182,7 +187,8 @@ def markdown(result):
     for r in result["rows"]:
         v = r["variants"]
         s = [v[k]["seconds_per_iter"] for k in VARIANTS]
-        mem = "/".join(f"{v[k]['peak_memory_mib']:.0f}" for k in VARIANTS)
+        mem = "/".join("-" if v[k]["peak_memory_mib"] is None else
+                       f"{v[k]['peak_memory_mib']:.0f}" for k in VARIANTS)
         line = (f"| {r['config'].replace('-dsig-1x.yaml', '')} | {s[0]:.3f} | {s[1]:.3f} | "
                 f"{s[2]:.3f} | {s[3]:.3f} | {r['overhead']:.2f} | {s[3] / s[0]:.2f} | "
                 f"{r['speedup']:.2f}x |")
@@ -230,29 +236,28 @@ def main():
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="also time (e), float16 autocast (default: on CUDA only)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
-    p.add_argument("--one", nargs=2, metavar=("CONFIG", "VARIANT"), help=argparse.SUPPRESS)
+    p.add_argument("--one", metavar="CONFIG", help=argparse.SUPPRESS)
     a = p.parse_args()
     size = a.size or ([800, 1333] if a.device == "cuda" else [320, 480])
-    iters = a.iters or (20 if a.device == "cuda" else 3)
-    if a.one:  # child process: one measurement as JSON on the last line
-        print(json.dumps(run_variant(a.one[0], a.one[1], a.device, size, a.batch, iters,
-                                     a.warmup)))
+    iters = a.iters or (20 if a.device == "cuda" else 5)
+    variants = VARIANTS + ([AMP_VARIANT] if (a.device == "cuda" if a.amp is None else a.amp)
+                           else [])
+    if a.one:  # child process: one config's measurements as JSON on the last line
+        print(json.dumps(run_config(a.one, variants, a.device, size, a.batch, iters, a.warmup)))
         return
-    amp = a.device == "cuda" if a.amp is None else a.amp
     rows = []
-    for config in a.configs:
-        variants = {}
-        for variant in VARIANTS + ([AMP_VARIANT] if amp else []):
-            print(f"[bench] {config} {variant}", flush=True)
-            cmd = [sys.executable, os.path.abspath(__file__), "--one", config, variant,
-                   "--device", a.device, "--size", str(size[0]), str(size[1]), "--batch",
-                   str(a.batch), "--iters", str(iters), "--warmup", str(a.warmup)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"{config} {variant} failed:\n{proc.stderr[-3000:]}")
-            variants[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-        s = {k: variants[k]["seconds_per_iter"] for k in VARIANTS}
-        rows.append({"config": config, "variants": variants,
+    for config in a.configs:  # one process per config: a fresh allocator and thread pool
+        print(f"[bench] {config}: {', '.join(variants)}", flush=True)
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", config, "--device", a.device,
+               "--size", str(size[0]), str(size[1]), "--batch", str(a.batch), "--iters",
+               str(iters), "--warmup", str(a.warmup), "--amp" if AMP_VARIANT in variants
+               else "--no-amp"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{config} failed:\n{proc.stderr[-3000:]}")
+        measured = json.loads(proc.stdout.strip().splitlines()[-1])
+        s = {k: measured[k]["seconds_per_iter"] for k in VARIANTS}
+        rows.append({"config": config, "variants": measured,
                      "overhead": s["dsig-fused"] / s["student+teacher"],
                      "speedup": s["dsig-reference"] / s["dsig-fused"]})
     result = {"device": a.device, "machine": machine_name(a.device), "torch": torch.__version__,
