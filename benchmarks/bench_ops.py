@@ -235,7 +235,8 @@ def markdown(result):
              f"- machine: {result['machine']}", f"- torch {result['torch']}, "
              f"dsig_ext {result['dsig_ext']}, threads {result['threads']}"]
     if result.get("versions"):
-        lines.append("- " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()))
+        lines.append("- " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()
+                                      if k != "torch"))
     lines += [f"- median of {result['repeat']} runs after {result['warmup']} warm-up runs", "",
               "| op | workload | implementation | forward ms | fwd+bwd ms | fwd speed-up "
               "| fwd+bwd speed-up |", "|---|---|---|---:|---:|---:|---:|"]
