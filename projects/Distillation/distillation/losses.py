@@ -13,29 +13,20 @@ import torch.nn.functional as F
 import dsig_ext
 
 
-def _tensors(values):
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            yield v
-        elif isinstance(v, dict):
-            yield from _tensors(v.values())
-
-
 def _to_float32(v):
     if isinstance(v, torch.Tensor) and v.dtype in (torch.float16, torch.bfloat16):
         return v.float()
-    if isinstance(v, dict):
-        return {k: _to_float32(x) for k, x in v.items()}
     return v
 
 
 def in_float32(term):
-    """Runs a loss term outside autocast, its 16-bit tensor arguments (also inside dicts) cast to
-    float32: under mixed precision the DSIG terms stay float32 (MSEs of close features, cosines,
-    softmaxes are precision-sensitive); the gradients flow back in the inputs' own dtype."""
+    """Runs a loss term outside autocast, its 16-bit tensor arguments cast to float32: under
+    mixed precision the DSIG terms stay float32 (MSEs of close features, cosines, softmaxes are
+    precision-sensitive); the gradients flow back in the inputs' own dtype."""
     @functools.wraps(term)
     def wrapper(*args, **kwargs):
-        first = next(_tensors(list(args) + list(kwargs.values())), None)
+        values = list(args) + list(kwargs.values())
+        first = next((v for v in values if isinstance(v, torch.Tensor)), None)
         device = first.device.type if first is not None else "cpu"
         with torch.autocast(device, enabled=False):
             return term(*map(_to_float32, args), **{k: _to_float32(v) for k, v in kwargs.items()})
@@ -149,7 +140,7 @@ def edge_loss(s_nodes: torch.Tensor, t_nodes: torch.Tensor, counts: Sequence[int
 def feature_map_loss(s_features: Dict[str, torch.Tensor], t_features: Dict[str, torch.Tensor],
                      levels: Sequence[str], weight: float) -> torch.Tensor:
     """L_feat = w_feat * sum_l mean_{n,c,h,w} (P^s_l - P^t_l)^2 over the listed FPN levels
-    (in float32, as in_float32, casting only the listed levels)."""
+    (in float32 outside autocast, as in_float32 does for the other terms)."""
     def level_mse(s, t):
         with torch.autocast(s.device.type, enabled=False):
             return F.mse_loss(_to_float32(s), _to_float32(t.detach()))
