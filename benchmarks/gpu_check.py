@@ -91,10 +91,17 @@ def sanitizer_usable(returncode, output):
     return False, f"compute-sanitizer trial run failed (exit {returncode})"
 
 
-class Runner:
-    """Runs the steps' commands, appending their output to one log."""
+# Seconds a step may take before it is stopped (the whole check is meant to end within 8 minutes
+# on a 16-core machine with an H100; a hung step must not take the report with it).
+TIMEOUTS = {"build": 420, "tests": 300, "sanitize": 240, "bench": 300, "train-step": 600}
 
-    def __init__(self, out: Path):
+
+class Runner:
+    """Runs the steps' commands, appending their output to one log, and rewrites the report
+    after every step."""
+
+    def __init__(self, out: Path, info):
+        self.out, self.info = out, info
         self.log = open(out / "logs.txt", "a")
         self.steps = []
 
@@ -117,6 +124,9 @@ class Runner:
         self.steps.append({"step": name, "status": status, "seconds": round(seconds, 1),
                            "detail": detail})
         print(f"[gpu_check] {name}: {status} ({seconds:.0f} s) {detail}", flush=True)
+        bench_md = self.out / "bench_ops_cuda.md"
+        write_report(self.out, self.info, self.steps,
+                     bench_md.read_text() if bench_md.exists() else None)
         return status == "passed"
 
 
@@ -136,7 +146,8 @@ def step_build(r: Runner, work: Path, info, jobs):
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST=arch_list(info["capability_tuple"]),
                MAX_JOBS=str(jobs))
     env.pop("DSIG_CPU_ONLY", None)
-    rc, text, secs = r.run([sys.executable, "setup.py", "build_ext", "--inplace"], work, env)
+    rc, text, secs = r.run([sys.executable, "setup.py", "build_ext", "--inplace"], work, env,
+                           timeout=TIMEOUTS["build"])
     if rc != 0:
         return r.record("build", "failed", secs, "setup.py build_ext failed (see logs.txt)")
     probe = ("import torch, dsig_ext; assert dsig_ext.extension_available(), 'no _C'; "
@@ -149,7 +160,7 @@ def step_build(r: Runner, work: Path, info, jobs):
 
 def step_tests(r: Runner, work: Path, out: Path):
     rc, text, secs = r.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p",
-                            "no:cacheprovider", *OP_TESTS], work)
+                            "no:cacheprovider", *OP_TESTS], work, timeout=TIMEOUTS["tests"])
     summary = text.strip().splitlines()[-1] if text.strip() else ""
     return r.record("tests", "passed" if rc == 0 else "failed", secs, summary)
 
@@ -171,7 +182,7 @@ def step_sanitize(r: Runner, work: Path):
         return r.record("sanitize", "skipped", 0, "compute-sanitizer not found")
     trial = [tool, "--tool", "memcheck", sys.executable, "-c",
              "import torch; torch.ones(4, device='cuda').sum().item()"]
-    rc, text, _ = r.run(trial, work, timeout=300)
+    rc, text, _ = r.run(trial, work, timeout=120)
     usable, reason = sanitizer_usable(rc, text)
     if not usable:
         return r.record("sanitize", "skipped", 0, reason)
@@ -179,7 +190,7 @@ def step_sanitize(r: Runner, work: Path):
     for tool_name in ("memcheck", "racecheck"):
         rc, text, secs = r.run([tool, "--tool", tool_name, "--error-exitcode", "3",
                                 sys.executable, "benchmarks/sanitizer_cases.py"], work,
-                               timeout=600)
+                               timeout=TIMEOUTS["sanitize"])
         total += secs
         ok &= rc == 0 and "ERROR SUMMARY: 0 errors" in text
     return r.record("sanitize", "passed" if ok else "failed", total,
@@ -188,7 +199,8 @@ def step_sanitize(r: Runner, work: Path):
 
 def step_bench(r: Runner, work: Path, out: Path, extra):
     rc, text, secs = r.run([sys.executable, "benchmarks/bench_ops.py", "--device", "cuda",
-                            "--out", out, "--tag", "cuda", *extra.split()], work)
+                            "--out", out, "--tag", "cuda", *extra.split()], work,
+                           timeout=TIMEOUTS["bench"])
     return r.record("bench", "passed" if rc == 0 else "failed", secs,
                     "bench_ops_cuda.{json,md,png}" if rc == 0 else "see logs.txt")
 
@@ -202,7 +214,7 @@ def step_train_step(r: Runner, work: Path, out: Path, wheels: Path):
         return r.record("train-step", "failed", secs, "installing the wheels failed")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(work)]))
     rc, text, secs2 = r.run([sys.executable, "benchmarks/bench_train_step.py", "--device", "cuda",
-                             "--out", out], work, env)
+                             "--out", out], work, env, timeout=TIMEOUTS["train-step"])
     return r.record("train-step", "passed" if rc == 0 else "failed", secs + secs2,
                     "bench_train_step_cuda.{json,md}" if rc == 0 else "see logs.txt")
 
@@ -236,7 +248,7 @@ def main(argv=None):
     work = Path(args.work or tempfile.mkdtemp(prefix="dsig-gpu-check-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     stage(work)
-    r = Runner(out)
+    r = Runner(out, info)
     built = "build" in args.skip or step_build(r, work, info, args.jobs)
     if built:
         if "tests" not in args.skip:
@@ -247,8 +259,8 @@ def main(argv=None):
             step_bench(r, work, out, args.bench_args)
         if args.wheels and "train-step" not in args.skip:
             step_train_step(r, work, out, Path(args.wheels).resolve())
-    bench_md = out / "bench_ops_cuda.md"
-    write_report(out, info, r.steps, bench_md.read_text() if bench_md.exists() else None)
+    if not r.steps:
+        write_report(out, info, [])
     failed = [s["step"] for s in r.steps if s["status"] == "failed"]
     print(f"[gpu_check] report: {out / 'gpu_check.md'}" + (f"; failed: {failed}" if failed else ""))
     return 1 if failed else 0

@@ -123,3 +123,16 @@ def test_detectron2_wheel_commands(tmp_path):
     assert "fvcore>=0.1.5,<0.1.6" in pure and "--no-deps" in pure
     assert binary[binary.index("--python-version") + 1] == "3.12"
     assert "--only-binary=:all:" in binary and binary[-1].startswith("pycocotools")
+
+
+def test_runner_logs_times_out_and_rewrites_the_report(tmp_path):
+    info = {"gpu": True, "gpu_name": "test GPU", "torch": torch.__version__}
+    r = gpu_check.Runner(tmp_path, info)
+    rc, text, _ = r.run([sys.executable, "-c", "print('hello')"], tmp_path)
+    assert rc == 0 and "hello" in text
+    rc, text, secs = r.run([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path,
+                           timeout=1)
+    assert rc == 124 and "timed out" in text and secs < 20
+    assert not r.record("tests", "failed", secs, "timed out")
+    assert "| tests | failed |" in (tmp_path / "gpu_check.md").read_text()
+    assert "hello" in (tmp_path / "logs.txt").read_text()
