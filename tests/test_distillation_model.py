@@ -293,3 +293,26 @@ def test_exported_student_evaluates_to_the_same_ap(dataset, tmp_path):
     assert own.keys() == theirs.keys() and "bbox" in own
     for k, v in own["bbox"].items():
         assert v == pytest.approx(theirs["bbox"][k], nan_ok=True), k
+
+
+def test_every_absent_student_key_is_reported(dataset, tmp_path):
+    """A student file without a FrozenBN layer's statistics: detectron2 fills them in silently
+    for files without version metadata (the original's merged files); they are reported, with or
+    without metadata. The original's pixel_mean/std keys are not reported as unused."""
+    cfg = config(FASTER_RCNN_CONFIGS[0], tmp_path)  # ResNet-18 student, FrozenBN
+    source = _model(cfg)
+    state = source.student.state_dict()
+    norm = next(k[:-len(".running_mean")] for k in state
+                if k.endswith(".running_mean") and "bottom_up" in k)
+    dropped = {f"{norm}.running_mean", f"{norm}.running_var"}
+    plain = {k: v.clone() for k, v in state.items() if k not in dropped}  # no metadata
+    plain["pixel_mean"] = torch.zeros(3)
+    plain["pixel_std"] = torch.ones(3)
+    with_metadata = type(state)((k, v) for k, v in state.items() if k not in dropped)
+    with_metadata._metadata = state._metadata
+    for weights in (plain, with_metadata):
+        incompatible = DistillationCheckpointer(_model(cfg))._load_model({"model": weights})
+        assert {"student." + k for k in dropped} <= set(incompatible.missing_keys)
+        assert not [k for k in incompatible.unexpected_keys if "pixel_" in k]
+        assert not [k for k in incompatible.missing_keys if k.startswith("student.")
+                    and k[len("student."):] not in dropped]

@@ -164,29 +164,58 @@ def split_distillation_state(weights: Dict[str, object]) -> Tuple[Dict, Dict, bo
     return student, teacher, any(k.startswith("student.") for k in weights)
 
 
+def _prefixed_metadata(metadata, student_keys_prefixed: bool):
+    """A state dict's per-module version metadata, re-rooted like its keys: entries of a
+    student-only file move under ``student.``."""
+    if metadata is None:
+        return None
+    out = OrderedDict()
+    for prefix, value in metadata.items():
+        if student_keys_prefixed or prefix.startswith(("student", "teacher")):
+            out[prefix] = value
+        else:
+            out["student." + prefix if prefix else "student"] = value
+    return out
+
+
 class DistillationCheckpointer(SafeDetectionCheckpointer):
     """Checkpointer of the distillation wrapper (``model.student`` / ``model.teacher``).
 
     Student weights load as detectron2 loads any init file (by name, non-strict, c2 heuristics for
-    .pkl); teacher weights present in the file must match the teacher exactly."""
+    .pkl); teacher weights present in the file must match the teacher exactly. Every student key
+    the file leaves without a value is reported, including FrozenBN statistics that detectron2
+    fills in silently for files without version metadata (as the original's merged files)."""
 
     def _load_model(self, checkpoint):
         model = self.model.module if hasattr(self.model, "module") else self.model
         if checkpoint.get("matching_heuristics", False):  # an ImageNet/C2 student init file
             student_ckpt = SafeDetectionCheckpointer(model.student)
             return student_ckpt._load_model(checkpoint)
+        metadata = getattr(checkpoint["model"], "_metadata", None)
         weights = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v
                    for k, v in checkpoint["model"].items()}
-        student, teacher, _ = split_distillation_state(weights)
+        student, teacher, had_prefixes = split_distillation_state(weights)
+        student_state = model.student.state_dict()
+        # buffers the model rebuilds from its config (pixel_mean/std in the original's files)
+        student = OrderedDict((k, v) for k, v in student.items()
+                              if k in student_state or not _is_benign(k))
         if teacher:
             missing, unexpected, wrong = mismatched_keys(model.teacher.state_dict(), teacher)
             if missing or unexpected or wrong:
                 _raise_mismatch("MODEL.WEIGHTS (teacher.* keys)", missing, unexpected, wrong)
             model.teacher_weights_loaded = True
+        absent = [k for k in student_state if k not in student and not _is_benign(k)]
         merged = OrderedDict([("student." + k, v) for k, v in student.items()])
         merged.update(("teacher." + k, v) for k, v in teacher.items())
+        metadata = _prefixed_metadata(metadata, had_prefixes)
+        if metadata is not None:  # module versions: FrozenBN reads them
+            merged._metadata = metadata
         checkpoint["model"] = merged
-        return super()._load_model(checkpoint)
+        incompatible = super()._load_model(checkpoint)
+        reported = set(incompatible.missing_keys)
+        incompatible.missing_keys.extend(
+            "student." + k for k in absent if "student." + k not in reported)
+        return incompatible
 
 
 def student_state_dict(weights: Dict[str, object]) -> "OrderedDict[str, object]":
