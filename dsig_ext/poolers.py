@@ -1,7 +1,7 @@
 """``MultiLevelRoIAlign``: a drop-in replacement for detectron2's ``ROIPooler`` (RoIAlign
 types) on the fused op, without importing detectron2."""
 import math
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -16,9 +16,17 @@ class MultiLevelRoIAlign(nn.Module):
 
     Same constructor as detectron2's ``ROIPooler``: ``output_size`` (int or pair), ``scales``
     (one per level, 1/stride, coarsest last), ``sampling_ratio``, ``pooler_type``
-    ("ROIAlignV2" or "ROIAlign"), ``canonical_box_size`` and ``canonical_level``. Has no
-    parameters, so checkpoints stay interchangeable with detectron2's.
+    ("ROIAlignV2" or "ROIAlign"; "ROIPool" and the rotated types stay with detectron2's
+    ``ROIPooler``), ``canonical_box_size`` and ``canonical_level``. Has no parameters, so
+    checkpoints stay interchangeable with detectron2's.
+
+    ``torch.jit.script`` compiles it; scripted, it takes the boxes as ``List[Tensor]`` (TorchScript
+    needs one static type and this package does not import detectron2, so pass
+    ``[b.tensor for b in boxes]``) and runs the fused ops. ``torch.export`` and
+    ``torch.compile(fullgraph=True)`` trace it as it is.
     """
+
+    deterministic: Optional[bool]
 
     def __init__(self, output_size, scales: Sequence[float], sampling_ratio: int,
                  pooler_type: str = "ROIAlignV2", canonical_box_size: int = 224,
@@ -27,7 +35,8 @@ class MultiLevelRoIAlign(nn.Module):
         self.output_size = tuple(ops._pair(output_size))
         if pooler_type not in _POOLER_TYPES:
             raise ValueError(f"MultiLevelRoIAlign supports pooler_type {sorted(_POOLER_TYPES)}, "
-                             f"got {pooler_type!r}")
+                             f"got {pooler_type!r} (for ROIPool or the rotated types use "
+                             "detectron2's ROIPooler)")
         if len(scales) == 0:
             raise ValueError("MultiLevelRoIAlign needs at least one scale")
         self.scales = [float(s) for s in scales]
@@ -51,9 +60,16 @@ class MultiLevelRoIAlign(nn.Module):
         self.deterministic = deterministic
         self.backend = backend
 
-    def forward(self, x: List[torch.Tensor], box_lists) -> torch.Tensor:
+    def forward(self, x: List[torch.Tensor], box_lists: List[torch.Tensor]) -> torch.Tensor:
         """x: L feature maps [B, C, H_l, W_l]; box_lists: B per-image boxes ([n, 4] tensors or
-        detectron2 ``Boxes``) in image coordinates. Returns [sum n_i, C, oh, ow]."""
+        detectron2 ``Boxes``; tensors when scripted) in image coordinates.
+        Returns [sum n_i, C, oh, ow]."""
+        if torch.jit.is_scripting():
+            return self._forward_scripted(x, box_lists)
+        return self._forward_eager(x, box_lists)
+
+    @torch.jit.unused
+    def _forward_eager(self, x, box_lists):
         if not isinstance(x, (list, tuple)):
             raise TypeError("MultiLevelRoIAlign: x must be a list of feature maps")
         if len(x) != len(self.scales):
@@ -73,6 +89,33 @@ class MultiLevelRoIAlign(nn.Module):
                                         self.sampling_ratio, self.aligned,
                                         deterministic=self.deterministic, check_inputs=False,
                                         backend=self.backend)
+
+    def _forward_scripted(self, x: List[torch.Tensor],
+                          box_lists: List[torch.Tensor]) -> torch.Tensor:
+        """The same computation in TorchScript: the fused ops called directly."""
+        if len(x) != len(self.scales):
+            raise ValueError("MultiLevelRoIAlign: one feature map per scale expected")
+        if len(box_lists) != x[0].shape[0]:
+            raise ValueError("MultiLevelRoIAlign: one box tensor per image expected")
+        parts: List[torch.Tensor] = []
+        for i, boxes in enumerate(box_lists):
+            index = torch.full((boxes.shape[0], 1), float(i), dtype=boxes.dtype,
+                               device=boxes.device)
+            parts.append(torch.cat([index, boxes], dim=1))
+        if len(parts) == 0:
+            return x[0].new_zeros((0, x[0].shape[1], self.output_size[0], self.output_size[1]))
+        rois = torch.cat(parts, dim=0).to(x[0].device)
+        levels = torch.ops.dsig.assign_fpn_levels(rois[:, 1:], self.min_level, self.max_level,
+                                                  float(self.canonical_box_size),
+                                                  self.canonical_level)
+        deterministic = False  # None: the backward still follows the global deterministic mode
+        flag = self.deterministic
+        if flag is not None:
+            deterministic = flag
+        return torch.ops.dsig.multilevel_roi_align(x, rois, levels, self.scales,
+                                                   self.output_size[0], self.output_size[1],
+                                                   self.sampling_ratio, self.aligned,
+                                                   deterministic)
 
     def extra_repr(self) -> str:
         return (f"output_size={self.output_size}, scales={self.scales}, "

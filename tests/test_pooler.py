@@ -45,7 +45,7 @@ def test_no_images():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(pooler_type="ROIPool"), "supports pooler_type"),
+    (dict(pooler_type="ROIPool"), "supports pooler_type.*use detectron2.s ROIPooler"),
     (dict(scales=(0.3, 0.15)), "powers of 1/2"),
     (dict(scales=(1 / 4, 1 / 16)), "consecutive"),
     (dict(scales=()), "at least one scale"),
@@ -66,3 +66,33 @@ def test_bad_forward():
         pooler(feats, [torch.zeros(0, 4)])
     with pytest.raises(ValueError, match=r"\[n, 4\] tensor"):
         pooler(feats, [torch.zeros(3, 5), torch.zeros(0, 4)])
+
+
+def test_scripted_and_exported_equal_detectron2_roipooler(tmp_path):
+    """torch.jit.script (boxes as tensors: TorchScript needs one static type) and torch.export
+    give detectron2's ROIPooler results and the eager module's gradients; a saved scripted
+    module reloads and runs."""
+    import warnings
+
+    poolers = pytest.importorskip("detectron2.modeling.poolers")
+    from detectron2.structures import Boxes
+
+    g = torch.Generator().manual_seed(3)
+    feats = make_pyramid(2, 4, (160, 224), requires_grad=True, generator=g)
+    boxes = split_boxes(make_boxes(30, (160, 224), g), 2, g)
+    expected = poolers.ROIPooler(7, SCALES, 0, "ROIAlignV2")(feats, [Boxes(b) for b in boxes])
+    for deterministic in (None, True):
+        ours = dsig_ext.MultiLevelRoIAlign(7, SCALES, 0, deterministic=deterministic)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+            scripted = torch.jit.script(ours)
+        exported = torch.export.export(ours, (feats, boxes)).module()
+        eager = ours(feats, boxes)
+        for out in (scripted(feats, boxes), exported(feats, boxes)):
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+        grads = torch.autograd.grad(scripted(feats, boxes).square().sum(), feats)
+        for x, y in zip(grads, torch.autograd.grad(eager.square().sum(), feats)):
+            assert torch.equal(x, y)
+    path = str(tmp_path / "pooler.pt")
+    torch.jit.save(scripted, path)
+    torch.testing.assert_close(torch.jit.load(path)(feats, boxes), expected, atol=1e-5, rtol=0)
