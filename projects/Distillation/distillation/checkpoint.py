@@ -20,6 +20,10 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
+from .weights import register_torchvision_handler, resolve_weights
+
+register_torchvision_handler()
+
 logger = logging.getLogger(__name__)
 
 # Buffers that checkpoints may carry or lack without consequence (rebuilt from the config).
@@ -134,7 +138,7 @@ def _raise_mismatch(source: str, missing, unexpected, wrong):
 def load_teacher_weights(teacher: torch.nn.Module, path: str) -> None:
     """Load a detectron2 checkpoint (.pkl model-zoo or .pth) into the teacher, strictly."""
     checkpointer = SafeDetectionCheckpointer(teacher)
-    checkpoint = checkpointer._load_file(PathManager.get_local_path(path))
+    checkpoint = checkpointer._load_file(resolve_weights(path))
     weights = checkpoint["model"]
     if checkpoint.get("matching_heuristics", False):
         raise TeacherWeightsError(
@@ -178,6 +182,20 @@ def _prefixed_metadata(metadata, student_keys_prefixed: bool):
     return out
 
 
+def _check_backbone_init(weights, student_state, source):
+    """A converted torchvision backbone must fill the student's backbone exactly."""
+    backbone = {k for k in student_state if k.startswith("backbone.bottom_up.")}
+    missing = sorted(backbone - set(weights))
+    unexpected = sorted(set(weights) - set(student_state))
+    wrong = sorted(k for k in set(weights) & backbone
+                   if _shape(weights[k]) != tuple(student_state[k].shape))
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"the backbone weights from {source} do not fit the student's backbone (is "
+            f"MODEL.BACKBONE / RESNETS.DEPTH the converted architecture?): missing {missing[:20]}, "
+            f"unexpected {unexpected[:20]}, wrong shape {wrong[:20]}")
+
+
 class DistillationCheckpointer(SafeDetectionCheckpointer):
     """Checkpointer of the distillation wrapper (``model.student`` / ``model.teacher``).
 
@@ -185,6 +203,10 @@ class DistillationCheckpointer(SafeDetectionCheckpointer):
     .pkl); teacher weights present in the file must match the teacher exactly. Every student key
     the file leaves without a value is reported, including FrozenBN statistics that detectron2
     fills in silently for files without version metadata (as the original's merged files)."""
+
+    def load(self, path, *args, **kwargs):
+        # detectron2:// and torchvision:// forms: a clear error instead of a hang when offline
+        return super().load(resolve_weights(path) if path else path, *args, **kwargs)
 
     def _load_model(self, checkpoint):
         model = self.model.module if hasattr(self.model, "module") else self.model
@@ -204,6 +226,8 @@ class DistillationCheckpointer(SafeDetectionCheckpointer):
             if missing or unexpected or wrong:
                 _raise_mismatch("MODEL.WEIGHTS (teacher.* keys)", missing, unexpected, wrong)
             model.teacher_weights_loaded = True
+        if checkpoint.get("__author__") == "torchvision":
+            _check_backbone_init(student, student_state, checkpoint.get("__source__", "file"))
         absent = [k for k in student_state if k not in student and not _is_benign(k)]
         merged = OrderedDict([("student." + k, v) for k, v in student.items()])
         merged.update(("teacher." + k, v) for k, v in teacher.items())
