@@ -3,7 +3,11 @@
 shapes, evaluated with COCO metrics, and a report (report.md / report.json / plots).
 
 Usage: python projects/Distillation/run_demo.py [--preset tiny|quick|full] [--seeds N [N ...]]
-       [--ablation] [--output DIR]
+       [--methods M [M ...]] [--ablation] [--output DIR]
+
+Methods (distilled students beside the teacher and the baseline, same schedule): dsig (default),
+dsig-edges, dsig-edges-fg (the paper's ablation; --ablation adds both), feature-mse, logit-kd,
+dsig-all.
 
 With several seeds the report gives each seed's numbers and their mean.
 """
@@ -26,12 +30,14 @@ def main():
                    help="one or more seeds (data and initialisation); the report averages them")
     p.add_argument("--ablation", action="store_true",
                    help="also train edges-only and edges+fg-nodes DSIG students")
+    p.add_argument("--methods", nargs="+", default=None, choices=list(demo.METHODS),
+                   help="distilled students to train (default: dsig)")
     p.add_argument("--output", default=os.path.join("output", "demo"))
     p.add_argument("--backend", default="fused", choices=["fused", "reference"])
     a = p.parse_args()
     setup_logger(name="detectron2").setLevel(logging.INFO)
     setup_logger(name="distillation")
-    report = demo.run(a.output, a.preset, a.seeds, a.ablation, a.backend)
+    report = demo.run(a.output, a.preset, a.seeds, a.ablation, a.backend, a.methods)
     print(open(os.path.join(a.output, "report.md")).read())
     return report
 

@@ -44,10 +44,22 @@ PRESETS = {
     "full": Preset(1500, 300, [160, 224], 2000, 1200, batch=2, extra=_INPUT_160x224),
 }
 
-ABLATION = {  # the paper's order: edges only, + fg nodes, + bg nodes (= full DSIG)
+_DSIG_OFF = ["DISTILL.FG_NODE_LOSS_ON", "False", "DISTILL.BG_NODE_LOSS_ON", "False",
+             "DISTILL.EDGE_LOSS_ON", "False"]
+_FEATURE = ["DISTILL.FEATURE_LOSS_ON", "True", "DISTILL.FEATURE_LOSS_WEIGHT", "0.5"]
+_LOGIT = ["DISTILL.ROI_CLS_KD_ON", "True", "DISTILL.ROI_CLS_KD_WEIGHT", "3.0",
+          "DISTILL.ROI_REG_KD_ON", "True", "DISTILL.ROI_REG_KD_WEIGHT", "1.0"]
+# Distilled students, each the demo's DSIG config (same student, teacher, data, schedule, seed)
+# with these terms; feature and logit weights as in the original's R18 config.
+METHODS = {
+    "dsig": [],  # fg + bg nodes + edges: the paper's full graph
     "dsig-edges": ["DISTILL.FG_NODE_LOSS_ON", "False", "DISTILL.BG_NODE_LOSS_ON", "False"],
     "dsig-edges-fg": ["DISTILL.BG_NODE_LOSS_ON", "False"],
+    "feature-mse": _DSIG_OFF + _FEATURE,  # full-map FPN imitation only
+    "logit-kd": _DSIG_OFF + _LOGIT,  # RoI classification KL + RoI regression L1 only
+    "dsig-all": _FEATURE + _LOGIT,  # DSIG plus both (the original's R18 configuration)
 }
+ABLATION = ["dsig-edges", "dsig-edges-fg"]  # the paper's order, then dsig
 
 
 def _say(stage: int, total: int, text: str) -> None:
@@ -143,15 +155,25 @@ def gap_recovered(teacher_ap: float, baseline_ap: float, dsig_ap: float) -> Opti
     return None if abs(gap) < 1e-9 else (dsig_ap - baseline_ap) / gap
 
 
-def _run_names(ablation: bool) -> List[str]:
-    return ["teacher", "baseline", "dsig"] + (list(ABLATION) if ablation else [])
+def _run_names(methods: Sequence[str]) -> List[str]:
+    return ["teacher", "baseline"] + list(methods)
 
 
-def train_seed(output: str, preset_name: str, seed: int, ablation: bool = False,
+def select_methods(methods: Optional[Sequence[str]] = None, ablation: bool = False) -> List[str]:
+    """The distilled students to train: `methods` (default: dsig), plus the ablation's, in
+    METHODS order without repeats."""
+    chosen = set(methods or ["dsig"]) | (set(ABLATION) if ablation else set())
+    unknown = sorted(chosen - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    return [m for m in METHODS if m in chosen]
+
+
+def train_seed(output: str, preset_name: str, seed: int, methods: Sequence[str] = ("dsig",),
                backend: str = "fused", stage: int = 1, total: int = 0) -> Dict[str, Dict]:
     """Data, teacher and students of one seed; returns each run's evaluation and loss curve."""
     preset = PRESETS[preset_name]
-    runs = _run_names(ablation)
+    runs = _run_names(methods)
     total = total or 1 + len(runs)
     root = os.path.join(output, f"data-{preset_name}-seed{seed}")
     _say(stage, total, f"seed {seed}: procedural dataset ({preset.train_images} train / "
@@ -182,14 +204,16 @@ def train_seed(output: str, preset_name: str, seed: int, ablation: bool = False,
                            f"{preset.student_iters} iterations")
             opts = student_opts + ["DISTILL.TEACHER.WEIGHTS", teacher_weights]
             results[name] = _train(os.path.join(CONFIG_DIR, "dsig-R18-R50.yaml"),
-                                   opts + ABLATION.get(name, []), out, distill=True)
+                                   opts + METHODS[name], out, distill=True)
         results[name]["loss_curve"] = loss_curve(out)
     return results
 
 
 def run(output: str, preset_name: str = "quick", seeds: Union[int, Sequence[int]] = (0,),
-        ablation: bool = False, backend: str = "fused") -> Dict:
-    """The whole demo for one or more seeds; the report averages over the seeds."""
+        ablation: bool = False, backend: str = "fused",
+        methods: Optional[Sequence[str]] = None) -> Dict:
+    """The whole demo for one or more seeds; the report averages over the seeds. `methods`
+    selects the distilled students (METHODS; default dsig), `ablation` adds the paper's."""
     if preset_name not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}")
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
@@ -198,15 +222,16 @@ def run(output: str, preset_name: str = "quick", seeds: Union[int, Sequence[int]
     if any(not isinstance(s, int) or s < 0 for s in seeds):
         # detectron2 reads a negative SEED as "random": the run would not be reproducible
         raise ValueError(f"seeds must be non-negative integers, got {seeds}")
+    methods = select_methods(methods, ablation)
     preset = PRESETS[preset_name]
-    per_seed_stages = 1 + len(_run_names(ablation))  # data, then each run
+    per_seed_stages = 1 + len(_run_names(methods))  # data, then each run
     total = per_seed_stages * len(seeds) + 1
-    results = {seed: train_seed(output, preset_name, seed, ablation, backend,
+    results = {seed: train_seed(output, preset_name, seed, methods, backend,
                                 stage=1 + i * per_seed_stages, total=total)
                for i, seed in enumerate(seeds)}
     _say(total, total, "report and instance-graph view")
     graph_png = os.path.join(output, "graph.png")
-    if not os.path.isfile(graph_png):
+    if "dsig" in methods and not os.path.isfile(graph_png):
         from .graph_view import visualize
 
         seed = seeds[0]
@@ -237,7 +262,7 @@ def summarize(results: Dict[int, Dict[str, Dict]]) -> Dict:
                    "seconds_per_iter": _mean([r[name]["seconds_per_iter"]
                                               for r in results.values()])}
             for name in names}
-    variants = [n for n in names if n.startswith("dsig")]
+    variants = [n for n in names if n not in ("teacher", "baseline")]
 
     def gaps(ap: Dict[str, float]) -> Dict[str, Optional[float]]:
         return {n: gap_recovered(ap["teacher"], ap["baseline"], ap[n]) for n in variants}
@@ -312,10 +337,11 @@ def write_report(output: str, preset_name: str, preset: Preset,
     for name, g in report["gap_recovered"].items():
         per_seed = ", ".join(fmt(r["gap_recovered"][name]) for r in report["per_seed"].values())
         lines.append(f"- {name}: **{fmt(g)}**" + (f" ({per_seed})" if len(seeds) > 1 else ""))
-    lines += ["", "![AP](ap.png)", "", "![training loss](loss.png)", "",
-              f"Instance graph of the DSIG student (seed {seeds[0]}) on a validation image "
-              "(nodes; teacher and student edge matrices; their difference):", "",
-              "![instance graph](graph.png)", ""]
+    lines += ["", "![AP](ap.png)", "", "![training loss](loss.png)", ""]
+    if os.path.isfile(os.path.join(output, "graph.png")):
+        lines += [f"Instance graph of the DSIG student (seed {seeds[0]}) on a validation image "
+                  "(nodes; teacher and student edge matrices; their difference):", "",
+                  "![instance graph](graph.png)", ""]
     with open(os.path.join(output, "report.md"), "w") as f:
         f.write("\n".join(lines))
     _plots(output, report, results)

@@ -154,6 +154,8 @@ class DistillationRCNN(nn.Module):
 
         roi_kd = d.ROI_CLS_KD_ON or d.ROI_REG_KD_ON
         mining = d.EDGE_LOSS_ON and d.BG_MINING_ON
+        if not (roi_kd or d.FG_NODE_LOSS_ON or d.BG_NODE_LOSS_ON or d.EDGE_LOSS_ON):
+            return det_losses, {}  # no RoI-level term (e.g. feature imitation alone)
         with torch.no_grad(), region("dsig.teacher_roi"):
             t_pooled = self.teacher_pooler([t_features[f] for f in self.teacher_in_features],
                                            boxes)
