@@ -116,3 +116,56 @@ def test_tiny_demo_baseline_methods(tmp_path):
     assert set(report["gap_recovered"]) == {"feature-mse", "logit-kd"}
     text = (tmp_path / "report.md").read_text()
     assert "| feature-mse |" in text and "| logit-kd |" in text and "graph.png" not in text
+
+
+def _coco(tmp_path, name, seed=0, num_images=6):
+    from distill_utils import make_coco_dataset
+
+    json_file, image_root = make_coco_dataset(str(tmp_path / name), num_images=num_images,
+                                              seed=seed)
+    return json_file, image_root
+
+
+def _rewrite(json_file, change):
+    data = json.load(open(json_file))
+    change(data)
+    json.dump(data, open(json_file, "w"))
+
+
+def test_user_data_is_checked(tmp_path):
+    train_json, train_root = _coco(tmp_path, "train")
+    val_json, val_root = _coco(tmp_path, "val", seed=1)
+    ok = f"u_train={train_json},{train_root}"
+    with pytest.raises(FileNotFoundError, match="annotation file .*missing.json not found"):
+        demo.prepare_user_data(ok, f"u_val={tmp_path / 'missing.json'},{val_root}")
+    with pytest.raises(ValueError, match="is not NAME=ann.json,image_root"):
+        demo.prepare_user_data("u_train", ok)
+    not_coco = tmp_path / "list.json"
+    not_coco.write_text(json.dumps({"images": [], "info": {}}))
+    with pytest.raises(ValueError, match="not a COCO detection json: no 'annotations', "
+                                         "'categories'"):
+        demo.prepare_user_data(f"u_train={not_coco},{train_root}", ok)
+    _rewrite(val_json, lambda d: d["categories"].append({"id": 99, "name": "extra"}))
+    with pytest.raises(ValueError, match="val categories .* differ"):
+        demo.prepare_user_data(ok, f"u_val={val_json},{val_root}")
+    _rewrite(train_json, lambda d: d["categories"].append({"id": 99, "name": "extra"}))
+    with pytest.raises(ValueError, match=r"categories with no instance .*\['extra'\]"):
+        demo.prepare_user_data(ok, f"u_val={val_json},{val_root}")
+    _rewrite(train_json, lambda d: d["annotations"][0].update(bbox=[100, 50, 60, 20]))
+    with pytest.raises(ValueError, match="outside their image, e.g. annotation 1 .*128x96"):
+        demo.prepare_user_data(ok, f"u_val={val_json},{val_root}")
+
+
+def test_tiny_demo_on_user_data(tmp_path):
+    """The same pipeline on a COCO dataset the test writes: classes from the json, sizes from
+    the images."""
+    train_json, train_root = _coco(tmp_path, "train", num_images=8)
+    val_json, val_root = _coco(tmp_path, "val", seed=1, num_images=4)
+    report = demo.run(str(tmp_path / "out"), "tiny", seeds=0,
+                      train=f"mine_train={train_json},{train_root}",
+                      val=f"mine_val={val_json},{val_root}")
+    assert report["data"]["num_classes"] == 3 and list(report["data"]["image_size"]) == [96, 128]
+    assert set(report["per_seed"]["0"]["results"]) == {"teacher", "baseline", "dsig"}
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "mine_train" in text and "3 classes" in text
+    assert os.path.isdir(tmp_path / "out" / "dsig-tiny-mine_train-seed0")

@@ -4,10 +4,12 @@ shapes, evaluated with COCO metrics, and a report (report.md / report.json / plo
 
 Usage: python projects/Distillation/run_demo.py [--preset tiny|quick|full] [--seeds N [N ...]]
        [--methods M [M ...]] [--ablation] [--output DIR]
+       [--train NAME=ann.json,image_root --val NAME=ann.json,image_root [--image-size S L]]
 
 Methods (distilled students beside the teacher and the baseline, same schedule): dsig (default),
 dsig-edges, dsig-edges-fg (the paper's ablation; --ablation adds both), feature-mse, logit-kd,
-dsig-all.
+dsig-all. With --train/--val the same runs use a COCO detection dataset of your own (classes
+read from the json; the preset sets the schedule).
 
 With several seeds the report gives each seed's numbers and their mean.
 """
@@ -32,12 +34,18 @@ def main():
                    help="also train edges-only and edges+fg-nodes DSIG students")
     p.add_argument("--methods", nargs="+", default=None, choices=list(demo.METHODS),
                    help="distilled students to train (default: dsig)")
+    p.add_argument("--train", default=None, metavar="NAME=ann.json,image_root",
+                   help="your own COCO-format train split (with --val)")
+    p.add_argument("--val", default=None, metavar="NAME=ann.json,image_root")
+    p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("SHORT", "LONG"),
+                   help="input size for your data (default: the median image, <= 800 x 1333)")
     p.add_argument("--output", default=os.path.join("output", "demo"))
     p.add_argument("--backend", default="fused", choices=["fused", "reference"])
     a = p.parse_args()
     setup_logger(name="detectron2").setLevel(logging.INFO)
     setup_logger(name="distillation")
-    report = demo.run(a.output, a.preset, a.seeds, a.ablation, a.backend, a.methods)
+    report = demo.run(a.output, a.preset, a.seeds, a.ablation, a.backend, a.methods, a.train,
+                      a.val, a.image_size)
     print(open(os.path.join(a.output, "report.md")).read())
     return report
 

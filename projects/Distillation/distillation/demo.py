@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from . import synthetic
 
@@ -86,6 +86,102 @@ def generate_data(root: str, preset: Preset, seed: int) -> Dict[str, str]:
         synthetic.register(name, json_file, os.path.join(root, split))
         paths[split] = name
     return paths
+
+
+# --- the user's own COCO-format data ------------------------------------------------------------
+
+@dataclass
+class UserData:
+    """A COCO detection dataset of the user's: train and val splits as (name, json, image root)."""
+    train: Tuple[str, str, str]
+    val: Tuple[str, str, str]
+    num_classes: int = 0
+    image_size: Tuple[int, int] = (0, 0)  # (short side, long side) of the inputs
+
+
+def parse_split(spec: str) -> Tuple[str, str, str]:
+    """"NAME=ann.json,image_root" -> (name, json, image_root)."""
+    name, _, rest = spec.partition("=")
+    json_file, _, image_root = rest.partition(",")
+    if not (name and json_file and image_root):
+        raise ValueError(f"dataset {spec!r} is not NAME=ann.json,image_root")
+    return name, json_file, image_root
+
+
+def check_coco_detection(json_file: str, image_root: str, split: str,
+                         every_category_used: bool = True) -> Dict:
+    """Reads and checks a COCO detection json; returns its categories {id: name}, image count
+    and the median (short, long) image side. Raises naming the problem otherwise."""
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"{split}: annotation file {json_file} not found")
+    if not os.path.isdir(image_root):
+        raise FileNotFoundError(f"{split}: image folder {image_root} not found")
+    try:
+        with open(json_file) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{split}: {json_file} is not JSON ({e})") from None
+    missing = [k for k in ("images", "annotations", "categories")
+               if not isinstance(data.get(k) if isinstance(data, dict) else None, list)]
+    if missing:
+        raise ValueError(f"{split}: {json_file} is not a COCO detection json: no "
+                         f"{', '.join(repr(k) for k in missing)} list")
+    if not data["images"] or not data["categories"]:
+        raise ValueError(f"{split}: {json_file} has no images or no categories")
+    categories = {c["id"]: c["name"] for c in data["categories"]}
+    images = {im["id"]: im for im in data["images"]}
+    bad, used = [], set()
+    for a in data["annotations"]:
+        im = images.get(a.get("image_id"))
+        box = a.get("bbox")
+        if a.get("category_id") not in categories:
+            raise ValueError(f"{split}: annotation {a.get('id')} has category "
+                             f"{a.get('category_id')}, which {json_file} does not define")
+        ok = (im is not None and isinstance(box, list) and len(box) == 4 and box[2] > 0
+              and box[3] > 0 and box[0] >= -1 and box[1] >= -1
+              and box[0] + box[2] <= im["width"] + 1 and box[1] + box[3] <= im["height"] + 1)
+        if not ok:
+            bad.append(f"annotation {a.get('id')} of image {a.get('image_id')}: bbox {box}" +
+                       (f" in a {im['width']}x{im['height']} image" if im else " (no such image)"))
+        used.add(a["category_id"])
+    if bad:
+        raise ValueError(f"{split}: {len(bad)} box(es) in {json_file} are empty or outside their "
+                         "image, e.g. " + "; ".join(bad[:3]))
+    unused = sorted(categories[c] for c in categories if c not in used)
+    if every_category_used and unused:
+        raise ValueError(f"{split}: categories with no instance in {json_file}: {unused} (remove "
+                         "them: a class never seen in training cannot be learned)")
+    sides = sorted((min(im["height"], im["width"]), max(im["height"], im["width"]))
+                   for im in data["images"])
+    return {"categories": categories, "images": len(images), "median_size": sides[len(sides) // 2]}
+
+
+def prepare_user_data(train_spec: str, val_spec: str,
+                      image_size: Optional[Sequence[int]] = None) -> UserData:
+    """Checks and registers the user's splits; the input size defaults to the median image,
+    capped at 800 x 1333."""
+    from .training import register_datasets
+
+    train, val = parse_split(train_spec), parse_split(val_spec)
+    info = check_coco_detection(train[1], train[2], "train")
+    val_info = check_coco_detection(val[1], val[2], "val", every_category_used=False)
+    if val_info["categories"] != info["categories"]:
+        raise ValueError(f"the val categories {sorted(val_info['categories'].values())} differ "
+                         f"from the train categories {sorted(info['categories'].values())}")
+    register_datasets([train, val])
+    short, long = image_size or (min(800, info["median_size"][0]),
+                                 min(1333, info["median_size"][1]))
+    return UserData(train, val, len(info["categories"]), (int(short), int(long)))
+
+
+def _user_data_opts(data: UserData) -> List[str]:
+    short, long = data.image_size
+    k = data.num_classes
+    return ["DATASETS.TRAIN", f"('{data.train[0]}',)", "DATASETS.TEST", f"('{data.val[0]}',)",
+            "MODEL.ROI_HEADS.NUM_CLASSES", str(k),
+            "DISTILL.TEACHER.OPTS", f"['MODEL.ROI_HEADS.NUM_CLASSES', {k}]",
+            "INPUT.MIN_SIZE_TRAIN", f"({short},)", "INPUT.MAX_SIZE_TRAIN", str(long),
+            "INPUT.MIN_SIZE_TEST", str(short), "INPUT.MAX_SIZE_TEST", str(long)]
 
 
 def _train(config: str, opts: List[str], output_dir: str, distill: bool) -> Dict:
@@ -170,18 +266,31 @@ def select_methods(methods: Optional[Sequence[str]] = None, ablation: bool = Fal
 
 
 def train_seed(output: str, preset_name: str, seed: int, methods: Sequence[str] = ("dsig",),
-               backend: str = "fused", stage: int = 1, total: int = 0) -> Dict[str, Dict]:
-    """Data, teacher and students of one seed; returns each run's evaluation and loss curve."""
+               backend: str = "fused", stage: int = 1, total: int = 0,
+               user_data: Optional[UserData] = None) -> Dict[str, Dict]:
+    """Data, teacher and students of one seed; returns each run's evaluation and loss curve.
+    With `user_data` the splits are the user's (the preset gives the schedule only)."""
     preset = PRESETS[preset_name]
     runs = _run_names(methods)
     total = total or 1 + len(runs)
-    root = os.path.join(output, f"data-{preset_name}-seed{seed}")
-    _say(stage, total, f"seed {seed}: procedural dataset ({preset.train_images} train / "
-                       f"{preset.val_images} val images of {preset.image_size[0]}x"
-                       f"{preset.image_size[1]})")
-    data = generate_data(root, preset, seed)
-    common = ["DATASETS.TRAIN", f"('{data['train']}',)", "DATASETS.TEST", f"('{data['val']}',)",
-              "SEED", str(seed), "DISTILL.BACKEND", backend] + preset.extra
+    if user_data is None:
+        root = os.path.join(output, f"data-{preset_name}-seed{seed}")
+        _say(stage, total, f"seed {seed}: procedural dataset ({preset.train_images} train / "
+                           f"{preset.val_images} val images of {preset.image_size[0]}x"
+                           f"{preset.image_size[1]})")
+        data = generate_data(root, preset, seed)
+        common = ["DATASETS.TRAIN", f"('{data['train']}',)", "DATASETS.TEST",
+                  f"('{data['val']}',)"] + preset.extra
+    else:
+        _say(stage, total, f"seed {seed}: your data, {user_data.train[0]} / {user_data.val[0]}, "
+                           f"{user_data.num_classes} classes, inputs {user_data.image_size[0]} / "
+                           f"{user_data.image_size[1]} px")
+        # the preset's model settings apply, its input sizes do not
+        pairs = list(zip(preset.extra[::2], preset.extra[1::2]))
+        common = _user_data_opts(user_data) + [x for k, v in pairs if not k.startswith("INPUT.")
+                                               for x in (k, v)]
+        preset_name = f"{preset_name}-{user_data.train[0]}"  # run folders of this dataset
+    common += ["SEED", str(seed), "DISTILL.BACKEND", backend]
     teacher_dir = os.path.join(output, f"teacher-{preset_name}-seed{seed}")
     results = {}
     _say(stage + 1, total, f"seed {seed}: teacher R50-FPN, {preset.teacher_iters} iterations "
@@ -211,9 +320,12 @@ def train_seed(output: str, preset_name: str, seed: int, methods: Sequence[str] 
 
 def run(output: str, preset_name: str = "quick", seeds: Union[int, Sequence[int]] = (0,),
         ablation: bool = False, backend: str = "fused",
-        methods: Optional[Sequence[str]] = None) -> Dict:
+        methods: Optional[Sequence[str]] = None, train: Optional[str] = None,
+        val: Optional[str] = None, image_size: Optional[Sequence[int]] = None) -> Dict:
     """The whole demo for one or more seeds; the report averages over the seeds. `methods`
-    selects the distilled students (METHODS; default dsig), `ablation` adds the paper's."""
+    selects the distilled students (METHODS; default dsig), `ablation` adds the paper's.
+    `train` / `val` ("NAME=ann.json,image_root") run it on a COCO dataset of your own instead
+    of the generated shapes (`image_size`: short and long input side, default from the data)."""
     if preset_name not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}")
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
@@ -223,15 +335,18 @@ def run(output: str, preset_name: str = "quick", seeds: Union[int, Sequence[int]
         # detectron2 reads a negative SEED as "random": the run would not be reproducible
         raise ValueError(f"seeds must be non-negative integers, got {seeds}")
     methods = select_methods(methods, ablation)
+    if (train is None) != (val is None):
+        raise ValueError("give both a train and a val split of your data, or neither")
+    user_data = prepare_user_data(train, val, image_size) if train else None
     preset = PRESETS[preset_name]
     per_seed_stages = 1 + len(_run_names(methods))  # data, then each run
     total = per_seed_stages * len(seeds) + 1
     results = {seed: train_seed(output, preset_name, seed, methods, backend,
-                                stage=1 + i * per_seed_stages, total=total)
+                                stage=1 + i * per_seed_stages, total=total, user_data=user_data)
                for i, seed in enumerate(seeds)}
     _say(total, total, "report and instance-graph view")
     graph_png = os.path.join(output, "graph.png")
-    if "dsig" in methods and not os.path.isfile(graph_png):
+    if "dsig" in methods and user_data is None and not os.path.isfile(graph_png):
         from .graph_view import visualize
 
         seed = seeds[0]
@@ -243,7 +358,7 @@ def run(output: str, preset_name: str = "quick", seeds: Union[int, Sequence[int]
                   val_json, graph_png,
                   weights=os.path.join(output, f"dsig-{preset_name}-seed{seed}", "model_final.pth"),
                   opts=preset.extra + ["DISTILL.TEACHER.ALLOW_RANDOM_INIT", "True"])
-    return write_report(output, preset_name, preset, results)
+    return write_report(output, preset_name, preset, results, user_data)
 
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
@@ -296,11 +411,13 @@ def _machine() -> str:
 
 
 def write_report(output: str, preset_name: str, preset: Preset,
-                 results: Dict[int, Dict[str, Dict]]) -> Dict:
+                 results: Dict[int, Dict[str, Dict]],
+                 user_data: Optional[UserData] = None) -> Dict:
     import torch
 
     seeds = list(results)
     report = {"preset": preset_name, "seeds": seeds, "preset_settings": asdict(preset),
+              "data": asdict(user_data) if user_data else "generated shapes",
               "machine": _machine(), "torch": torch.__version__, **summarize(results)}
     with open(os.path.join(output, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -312,8 +429,11 @@ def write_report(output: str, preset_name: str, preset: Preset,
              f"- machine: {report['machine']}, torch {report['torch']}"
              + (f"; training ran with {'/'.join(map(str, threads))} torch thread(s) per run"
                 if threads else ""),
-             f"- data per seed: {preset.train_images} train / {preset.val_images} val generated "
-             f"images of {preset.image_size[0]}x{preset.image_size[1]}",
+             (f"- data per seed: {preset.train_images} train / {preset.val_images} val generated "
+              f"images of {preset.image_size[0]}x{preset.image_size[1]}" if user_data is None
+              else f"- data: {user_data.train[0]} ({user_data.train[1]}) / {user_data.val[0]} "
+                   f"({user_data.val[1]}), {user_data.num_classes} classes, inputs "
+                   f"{user_data.image_size[0]} / {user_data.image_size[1]} px"),
              f"- teacher R50-FPN {preset.teacher_iters} iterations, students R18-FPN "
              f"{preset.student_iters}, batch {preset.batch}", ""]
     if len(seeds) > 1:
