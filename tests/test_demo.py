@@ -156,9 +156,9 @@ def test_user_data_is_checked(tmp_path):
         demo.prepare_user_data(ok, f"u_val={val_json},{val_root}")
 
 
-def test_tiny_demo_on_user_data(tmp_path):
+def test_tiny_demo_on_user_data(tmp_path, capsys):
     """The same pipeline on a COCO dataset the test writes: classes from the json, sizes from
-    the images."""
+    the images; a quiet console (stages, progress, AP) with each run's full log in its folder."""
     train_json, train_root = _coco(tmp_path, "train", num_images=8)
     val_json, val_root = _coco(tmp_path, "val", seed=1, num_images=4)
     report = demo.run(str(tmp_path / "out"), "tiny", seeds=0,
@@ -169,3 +169,8 @@ def test_tiny_demo_on_user_data(tmp_path):
     text = (tmp_path / "out" / "report.md").read_text()
     assert "mine_train" in text and "3 classes" in text
     assert os.path.isdir(tmp_path / "out" / "dsig-tiny-mine_train-seed0")
+    out = capsys.readouterr().out
+    assert "[demo] stage 1/5" in out and "[demo]   iter 6/6" in out and "[demo]   AP " in out
+    assert "GeneralizedRCNN(" not in out  # no model printout on the console
+    log = (tmp_path / "out" / "dsig-tiny-mine_train-seed0" / "log.txt").read_text()
+    assert "Starting training" in log or "iter" in log

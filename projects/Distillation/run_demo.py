@@ -39,11 +39,14 @@ def main():
     p.add_argument("--val", default=None, metavar="NAME=ann.json,image_root")
     p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("SHORT", "LONG"),
                    help="input size for your data (default: the median image, <= 800 x 1333)")
+    p.add_argument("--verbose", action="store_true",
+                   help="detectron2's full log on the console (always in each run's log.txt)")
     p.add_argument("--output", default=os.path.join("output", "demo"))
     p.add_argument("--backend", default="fused", choices=["fused", "reference"])
     a = p.parse_args()
     setup_logger(name="detectron2").setLevel(logging.INFO)
     setup_logger(name="distillation")
+    demo.VERBOSE = a.verbose
     report = demo.run(a.output, a.preset, a.seeds, a.ablation, a.backend, a.methods, a.train,
                       a.val, a.image_size)
     print(open(os.path.join(a.output, "report.md")).read())

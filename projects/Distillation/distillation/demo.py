@@ -4,6 +4,7 @@ cached per (preset, seed)."""
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -62,8 +63,15 @@ METHODS = {
 ABLATION = ["dsig-edges", "dsig-edges-fg"]  # the paper's order, then dsig
 
 
+_console = None  # the terminal while a run's stdout goes to its log.txt
+
+
+def _print(text: str) -> None:
+    print(text, file=_console or sys.stdout, flush=True)
+
+
 def _say(stage: int, total: int, text: str) -> None:
-    print(f"[demo] stage {stage}/{total}: {text}", flush=True)
+    _print(f"[demo] stage {stage}/{total}: {text}")
 
 
 def _solver(iters: int, batch: int) -> List[str]:
@@ -80,7 +88,7 @@ def generate_data(root: str, preset: Preset, seed: int) -> Dict[str, str]:
         if not os.path.isfile(json_file):
             def progress(i, total, split=split):
                 if i == total or i % max(1, total // 10) == 0:
-                    print(f"[demo]   generating {split}: {i}/{total} images", flush=True)
+                    _print(f"[demo]   generating {split}: {i}/{total} images")
             synthetic.generate(root, split, n, tuple(preset.image_size), seed, progress)
         name = f"dsig_shapes_{os.path.basename(root)}_{split}"
         synthetic.register(name, json_file, os.path.join(root, split))
@@ -184,8 +192,82 @@ def _user_data_opts(data: UserData) -> List[str]:
             "INPUT.MIN_SIZE_TEST", str(short), "INPUT.MAX_SIZE_TEST", str(long)]
 
 
+VERBOSE = False  # run_demo.py --verbose: detectron2's full log on the console too
+
+
+class _RunLog:
+    """For one run: detectron2's and this project's log, and what evaluation prints, go to
+    OUTPUT_DIR/log.txt; the console shows only warnings (everything with VERBOSE)."""
+
+    NAMES = ("detectron2", "fvcore", "distillation")
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.join(output_dir, "log.txt")
+
+    def __enter__(self):
+        global _console
+        self.stream = open(self.path, "a")
+        self.stdout = sys.stdout
+        if not VERBOSE:  # pycocotools prints its evaluation tables
+            _console, sys.stdout = sys.stdout, self.stream
+        self.file = logging.FileHandler(self.path)
+        self.file.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s] "
+                                                 "%(message)s"))
+        self.saved = []
+        for name in self.NAMES:
+            log = logging.getLogger(name)
+            log.addHandler(self.file)
+            self.saved.append((log, log.level, [(h, h.level) for h in log.handlers
+                                                if h is not self.file]))
+            log.setLevel(logging.DEBUG if log.level == logging.NOTSET else
+                         min(log.level, logging.INFO))
+            if not VERBOSE:
+                for h, _ in self.saved[-1][2]:
+                    h.setLevel(max(h.level, logging.WARNING))
+        return self
+
+    def __exit__(self, *exc):
+        global _console
+        sys.stdout, _console = self.stdout, None
+        self.stream.close()
+        for log, level, handlers in self.saved:
+            log.removeHandler(self.file)
+            log.setLevel(level)
+            for h, h_level in handlers:
+                h.setLevel(h_level)
+        self.file.close()
+
+
+def _progress_hook(max_iter: int):
+    """One console line about every 10 % of a run: iteration, total loss, ETA."""
+    from detectron2.engine import HookBase
+
+    class Progress(HookBase):
+        def before_train(self):
+            self.start = time.time()
+
+        def after_step(self):
+            done = self.trainer.iter + 1
+            if done % max(1, max_iter // 10) and done != max_iter:
+                return
+            losses = self.trainer.storage.latest()
+            loss = sum(v[0] for k, v in losses.items() if k.startswith("loss"))
+            eta = (time.time() - self.start) / done * (max_iter - done)
+            _print(f"[demo]   iter {done}/{max_iter}  loss {loss:.3f}  ETA {eta / 60:.1f} min")
+
+    return Progress()
+
+
 def _train(config: str, opts: List[str], output_dir: str, distill: bool) -> Dict:
     """Train (or reuse) one model; returns its evaluation and timing."""
+    os.makedirs(output_dir, exist_ok=True)
+    with _RunLog(output_dir):
+        result = _train_logged(config, opts, output_dir, distill)
+    _print(f"[demo]   AP {result['bbox']['AP']:.2f} (log: {os.path.join(output_dir, 'log.txt')})")
+    return result
+
+
+def _train_logged(config: str, opts: List[str], output_dir: str, distill: bool) -> Dict:
     import torch
     from detectron2.engine import DefaultTrainer
     from detectron2.evaluation import COCOEvaluator
@@ -208,6 +290,7 @@ def _train(config: str, opts: List[str], output_dir: str, distill: bool) -> Dict
                                  use_fast_impl=False)
 
     trainer = (Trainer if distill else StockTrainer)(cfg)
+    trainer.register_hooks([_progress_hook(cfg.SOLVER.MAX_ITER)])
     trainer.resume_or_load(resume=True)
     start = time.time()
     metrics = trainer.train()  # detectron2 evaluates the final model on DATASETS.TEST
