@@ -42,6 +42,12 @@ def test_report_over_seeds(tmp_path):
     assert report["seeds"] == [3, 4]
     text = (tmp_path / "report.md").read_text()
     assert "seeds 3, 4" in text and "9.00 / 8.00" in text and "**0.50** (0.75, 0.33)" in text
+    # dsig 8.5 vs baseline 6.0, spread 1.0: a difference beyond the seed spread
+    assert "- dsig: 8.50 vs baseline 6.00 (difference +2.50, seed spread 1.00): above" in text
+    close = _fake_results({0: {"teacher": 10.0, "baseline": 6.0, "dsig": 6.5},
+                           1: {"teacher": 12.0, "baseline": 7.0, "dsig": 6.0}})
+    demo.write_report(str(tmp_path), "quick", demo.PRESETS["quick"], close)
+    assert "not distinguishable from the baseline" in (tmp_path / "report.md").read_text()
     assert os.path.isfile(tmp_path / "ap.png") and os.path.isfile(tmp_path / "loss.png")
     with pytest.raises(ValueError, match="distinct"):
         demo.run(str(tmp_path), "tiny", seeds=[1, 1])
@@ -109,13 +115,18 @@ def test_method_selection():
 
 
 def test_tiny_demo_baseline_methods(tmp_path):
-    """KD baselines on the same harness: the report lists them with their gap recovered."""
-    report = demo.run(str(tmp_path), "tiny", seeds=0, methods=["feature-mse", "logit-kd"])
+    """KD baselines on the same harness, two trainings at a time: the report lists them with
+    their gap recovered."""
+    report = demo.run(str(tmp_path), "tiny", seeds=0, methods=["feature-mse", "logit-kd"],
+                      jobs=2)
     assert set(report["per_seed"]["0"]["results"]) == {"teacher", "baseline", "feature-mse",
                                                        "logit-kd"}
     assert set(report["gap_recovered"]) == {"feature-mse", "logit-kd"}
     text = (tmp_path / "report.md").read_text()
     assert "| feature-mse |" in text and "| logit-kd |" in text and "graph.png" not in text
+    assert "One seed: no spread estimate" in text
+    runs = report["per_seed"]["0"]["results"]
+    assert runs["feature-mse"]["threads"] == max(1, (os.cpu_count() or 1) // 2)
 
 
 def _coco(tmp_path, name, seed=0, num_images=6):
@@ -170,7 +181,7 @@ def test_tiny_demo_on_user_data(tmp_path, capsys):
     assert "mine_train" in text and "3 classes" in text
     assert os.path.isdir(tmp_path / "out" / "dsig-tiny-mine_train-seed0")
     out = capsys.readouterr().out
-    assert "[demo] stage 1/5" in out and "[demo]   iter 6/6" in out and "[demo]   AP " in out
+    assert "[demo] stage 1/5" in out and "dsig seed 0: iter 6/6" in out and "dsig seed 0: AP " in out
     assert "GeneralizedRCNN(" not in out  # no model printout on the console
     log = (tmp_path / "out" / "dsig-tiny-mine_train-seed0" / "log.txt").read_text()
     assert "Starting training" in log or "iter" in log

@@ -39,6 +39,8 @@ def main():
     p.add_argument("--val", default=None, metavar="NAME=ann.json,image_root")
     p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("SHORT", "LONG"),
                    help="input size for your data (default: the median image, <= 800 x 1333)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="trainings at a time, the torch threads split between them")
     p.add_argument("--verbose", action="store_true",
                    help="detectron2's full log on the console (always in each run's log.txt)")
     p.add_argument("--output", default=os.path.join("output", "demo"))
@@ -47,8 +49,10 @@ def main():
     setup_logger(name="detectron2").setLevel(logging.INFO)
     setup_logger(name="distillation")
     demo.VERBOSE = a.verbose
+    if a.jobs < 1:
+        p.error("--jobs must be at least 1")
     report = demo.run(a.output, a.preset, a.seeds, a.ablation, a.backend, a.methods, a.train,
-                      a.val, a.image_size)
+                      a.val, a.image_size, a.jobs)
     print(open(os.path.join(a.output, "report.md")).read())
     return report
 
