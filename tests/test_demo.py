@@ -185,3 +185,13 @@ def test_tiny_demo_on_user_data(tmp_path, capsys):
     assert "GeneralizedRCNN(" not in out  # no model printout on the console
     log = (tmp_path / "out" / "dsig-tiny-mine_train-seed0" / "log.txt").read_text()
     assert "Starting training" in log or "iter" in log
+    # a given teacher (here the one just trained) is evaluated, not trained again
+    teacher = tmp_path / "out" / "teacher-tiny-mine_train-seed0" / "model_final.pth"
+    again = demo.run(str(tmp_path / "out2"), "tiny", seeds=0, methods=["dsig-edges"],
+                     train=f"mine_train={train_json},{train_root}",
+                     val=f"mine_val={val_json},{val_root}", teacher_weights=str(teacher))
+    assert again["mean"]["teacher"]["bbox"]["AP"] == pytest.approx(
+        report["mean"]["teacher"]["bbox"]["AP"])
+    assert not os.path.isdir(tmp_path / "out2" / "teacher-tiny-mine_train-seed0")
+    with pytest.raises(FileNotFoundError, match="teacher weights"):
+        demo.run(str(tmp_path / "out3"), "tiny", seeds=0, teacher_weights=str(tmp_path / "no.pth"))

@@ -39,6 +39,10 @@ def main():
     p.add_argument("--val", default=None, metavar="NAME=ann.json,image_root")
     p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("SHORT", "LONG"),
                    help="input size for your data (default: the median image, <= 800 x 1333)")
+    p.add_argument("--teacher-weights", default=None,
+                   help="a trained teacher (e.g. on your data) instead of training one")
+    p.add_argument("--teacher-config", default=None,
+                   help="its detectron2 config (default: the demo's R50-FPN teacher)")
     p.add_argument("--jobs", type=int, default=1,
                    help="trainings at a time, the torch threads split between them")
     p.add_argument("--verbose", action="store_true",
@@ -52,7 +56,7 @@ def main():
     if a.jobs < 1:
         p.error("--jobs must be at least 1")
     report = demo.run(a.output, a.preset, a.seeds, a.ablation, a.backend, a.methods, a.train,
-                      a.val, a.image_size, a.jobs)
+                      a.val, a.image_size, a.jobs, a.teacher_weights, a.teacher_config)
     print(open(os.path.join(a.output, "report.md")).read())
     return report
 

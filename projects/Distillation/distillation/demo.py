@@ -293,6 +293,16 @@ def _train_logged(config: str, opts: List[str], output_dir: str, distill: bool,
                                                                         "inference"),
                                  use_fast_impl=False)
 
+    if cfg.SOLVER.MAX_ITER == 0:  # a given model (--teacher-weights): evaluated, not trained
+        from .checkpoint import SafeDetectionCheckpointer
+
+        model = StockTrainer.build_model(cfg)
+        SafeDetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        result = {"bbox": StockTrainer.test(cfg, model)["bbox"], "train_seconds": 0.0,
+                  "threads": torch.get_num_threads(), "seconds_per_iter": 0.0}
+        with open(result_file, "w") as f:
+            json.dump(result, f, indent=2)
+        return result
     trainer = (Trainer if distill else StockTrainer)(cfg)
     trainer.register_hooks([_progress_hook(cfg.SOLVER.MAX_ITER, label)])
     trainer.resume_or_load(resume=True)
@@ -367,7 +377,8 @@ class Job:
 
 
 def plan_seed(output: str, preset_name: str, seed: int, methods: Sequence[str] = ("dsig",),
-              backend: str = "fused", user_data: Optional[UserData] = None) -> List[Job]:
+              backend: str = "fused", user_data: Optional[UserData] = None,
+              teacher: Optional[Tuple[str, str]] = None) -> List[Job]:
     """Data of one seed (generated here unless the user's), then its runs: the teacher first,
     the students after it (they read its weights)."""
     preset = PRESETS[preset_name]
@@ -387,10 +398,19 @@ def plan_seed(output: str, preset_name: str, seed: int, methods: Sequence[str] =
         preset_name = f"{preset_name}-{user_data.train[0]}"  # run folders of this dataset
     common += ["SEED", str(seed), "DISTILL.BACKEND", backend]
     teacher_dir = os.path.join(output, f"teacher-{preset_name}-seed{seed}")
-    jobs = [Job("teacher", seed, os.path.join(CONFIG_DIR, "teacher-R50.yaml"),
-                common + _solver(preset.teacher_iters, preset.batch), teacher_dir, False, datasets,
-                f"seed {seed}: teacher R50-FPN, {preset.teacher_iters} iterations (cached)",
-                VERBOSE)]
+    teacher_config = os.path.join(CONFIG_DIR, "teacher-R50.yaml")
+    teacher_weights = os.path.join(teacher_dir, "model_final.pth")
+    if teacher is None:
+        jobs = [Job("teacher", seed, teacher_config,
+                    common + _solver(preset.teacher_iters, preset.batch), teacher_dir, False,
+                    datasets, f"seed {seed}: teacher R50-FPN, {preset.teacher_iters} iterations "
+                    "(cached)", VERBOSE)]
+    else:  # the user's trained teacher: evaluated only
+        teacher_config, teacher_weights = teacher
+        jobs = [Job("teacher", seed, teacher_config,
+                    common + ["SOLVER.MAX_ITER", "0", "MODEL.WEIGHTS", teacher_weights],
+                    teacher_dir + "-given", False, datasets,
+                    f"seed {seed}: your teacher {teacher_weights}, evaluated", VERBOSE)]
     student_opts = common + _solver(preset.student_iters, preset.batch)
     for name in _run_names(methods)[1:]:
         out = os.path.join(output, f"{name}-{preset_name}-seed{seed}")
@@ -400,8 +420,8 @@ def plan_seed(output: str, preset_name: str, seed: int, methods: Sequence[str] =
                             f"seed {seed}: baseline student R18-FPN, {preset.student_iters} "
                             "iterations", VERBOSE))
         else:
-            opts = student_opts + ["DISTILL.TEACHER.WEIGHTS",
-                                   os.path.join(teacher_dir, "model_final.pth")] + METHODS[name]
+            opts = (student_opts + ["DISTILL.TEACHER.WEIGHTS", teacher_weights,
+                                    "DISTILL.TEACHER.CONFIG", teacher_config] + METHODS[name])
             jobs.append(Job(name, seed, os.path.join(CONFIG_DIR, "dsig-R18-R50.yaml"), opts, out,
                             True, datasets, f"seed {seed}: {name} student R18-FPN with the "
                             f"teacher, {preset.student_iters} iterations", VERBOSE))
@@ -452,12 +472,15 @@ def run(output: str, preset_name: str = "quick", seeds: Union[int, Sequence[int]
         ablation: bool = False, backend: str = "fused",
         methods: Optional[Sequence[str]] = None, train: Optional[str] = None,
         val: Optional[str] = None, image_size: Optional[Sequence[int]] = None,
-        jobs: int = 1) -> Dict:
+        jobs: int = 1, teacher_weights: Optional[str] = None,
+        teacher_config: Optional[str] = None) -> Dict:
     """The whole demo for one or more seeds; the report averages over the seeds. `methods`
     selects the distilled students (METHODS; default dsig), `ablation` adds the paper's.
     `train` / `val` ("NAME=ann.json,image_root") run it on a COCO dataset of your own instead
     of the generated shapes (`image_size`: short and long input side, default from the data).
-    `jobs` runs that many trainings at a time (teachers first, then the students)."""
+    `jobs` runs that many trainings at a time (teachers first, then the students).
+    `teacher_weights` (with `teacher_config`, default the demo's R50-FPN) replaces the teacher
+    training by a given model, evaluated on the val split."""
     if preset_name not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}")
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
@@ -470,6 +493,17 @@ def run(output: str, preset_name: str = "quick", seeds: Union[int, Sequence[int]
     if (train is None) != (val is None):
         raise ValueError("give both a train and a val split of your data, or neither")
     user_data = prepare_user_data(train, val, image_size) if train else None
+    teacher = None
+    if teacher_weights:
+        from .weights import resolve_weights
+
+        if not os.path.isfile(resolve_weights(teacher_weights)):
+            raise FileNotFoundError(f"teacher weights {teacher_weights} not found")
+        teacher = (teacher_config or os.path.join(CONFIG_DIR, "teacher-R50.yaml"),
+                   teacher_weights)
+    elif teacher_config:
+        raise ValueError("--teacher-config needs --teacher-weights (the demo trains its own "
+                         "teacher otherwise)")
     preset = PRESETS[preset_name]
     runs = _run_names(methods)
     total = (1 + len(runs)) * len(seeds) + 1  # per seed: data, then each run; the report
@@ -488,7 +522,7 @@ def run(output: str, preset_name: str = "quick", seeds: Union[int, Sequence[int]
             say(f"seed {seed}: your data, {user_data.train[0]} / {user_data.val[0]}, "
                 f"{user_data.num_classes} classes, inputs {user_data.image_size[0]} / "
                 f"{user_data.image_size[1]} px")
-        plans[seed] = plan_seed(output, preset_name, seed, methods, backend, user_data)
+        plans[seed] = plan_seed(output, preset_name, seed, methods, backend, user_data, teacher)
     teachers = run_jobs([plans[s][0] for s in seeds], jobs, say)
     students = iter(run_jobs([j for s in seeds for j in plans[s][1:]], jobs, say))
     results = {}
