@@ -16,7 +16,6 @@ Usage: python benchmarks/bench_ops.py [--device cpu|cuda] [--batches B ...]
        [--dtypes float32 bfloat16] [--repeat R] [--out DIR]
 """
 import argparse
-import json
 import math
 import os
 import statistics
@@ -29,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import dsig_ext  # noqa: E402
 import roofline  # noqa: E402
-from common import machine_name, versions  # noqa: E402
+from common import machine_name, versions, write_results  # noqa: E402
 
 SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
 IMAGE_HW = (800, 1333)
@@ -314,6 +313,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--tag", default=None, help="file name suffix (default: the device)")
     args = parser.parse_args(argv)
+    if (args.repeat is not None and args.repeat < 1) or any(b < 1 for b in args.batches or []):
+        parser.error("--repeat and --batches must be at least 1")
     gpu = args.device == "cuda"
     if args.batches is None:
         args.batches = [args.batch] if args.batch else ([2, 8] if gpu else [2])
@@ -350,15 +351,8 @@ def main(argv=None):
               "dsig_ext": dsig_ext.__version__, "threads": torch.get_num_threads(),
               "versions": versions(device), "repeat": args.repeat, "warmup": args.warmup,
               "rows": rows, "kernels": kernels}
-    os.makedirs(args.out, exist_ok=True)
-    tag = args.tag or device
-    with open(os.path.join(args.out, f"bench_ops_{tag}.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    md = markdown(result)
-    with open(os.path.join(args.out, f"bench_ops_{tag}.md"), "w") as f:
-        f.write(md)
-    plot(result, os.path.join(args.out, f"bench_ops_{tag}.png"))
-    print(md)
+    base = write_results(args.out, f"bench_ops_{args.tag or device}", result, markdown(result))
+    plot(result, base + ".png")
     return result
 
 

@@ -11,7 +11,6 @@ Usage: python benchmarks/bench_small_under_load.py [--threads 2] [--load 2] [--c
 Writes bench_small_under_load_cpu.{json,md}.
 """
 import argparse
-import json
 import multiprocessing as mp
 import os
 import statistics
@@ -24,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dsig_ext  # noqa: E402
-from common import machine_name  # noqa: E402
+from common import machine_name, write_results  # noqa: E402
 
 
 def spin(stop, kind):
@@ -144,6 +143,11 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--tag", default="cpu")
     a = p.parse_args(argv)
+    for name in ("threads", "calls"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if a.load < 0:
+        p.error("--load must be >= 0")
     torch.set_num_threads(a.threads)
     stop = mp.Event()
     workers = [mp.Process(target=spin, args=(stop, a.load_kind), daemon=True)
@@ -159,14 +163,7 @@ def main(argv=None):
             w.join(5)
     result = {"machine": machine_name("cpu"), "torch": torch.__version__, "threads": a.threads,
               "load": a.load, "load_kind": a.load_kind, "calls": a.calls, "rows": rows}
-    os.makedirs(a.out, exist_ok=True)
-    base = os.path.join(a.out, f"bench_small_under_load_{a.tag}")
-    with open(base + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    md = markdown(result)
-    with open(base + ".md", "w") as f:
-        f.write(md)
-    print(md)
+    write_results(a.out, f"bench_small_under_load_{a.tag}", result, markdown(result))
     return result
 
 

@@ -26,7 +26,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_name  # noqa: E402
+from common import machine_name, write_results  # noqa: E402
 
 PROJECT = os.path.join(ROOT, "projects", "Distillation")
 CONFIGS = [
@@ -262,15 +262,8 @@ def main():
                      "speedup": s["dsig-reference"] / s["dsig-fused"]})
     result = {"device": a.device, "machine": machine_name(a.device), "torch": torch.__version__,
               "size": size, "batch": a.batch, "iters": iters, "rows": rows}
-    os.makedirs(a.out, exist_ok=True)
-    base = os.path.join(a.out, f"bench_train_step_{a.device}")
-    with open(base + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    md = markdown(result)
-    with open(base + ".md", "w") as f:
-        f.write(md)
+    base = write_results(a.out, f"bench_train_step_{a.device}", result, markdown(result))
     plot(result, base + ".png")
-    print(md)
 
 
 if __name__ == "__main__":

@@ -47,3 +47,18 @@ def gpu_driver_version() -> str:
         return run.stdout.strip().splitlines()[0] if run.returncode == 0 else "unknown"
     except (OSError, IndexError, subprocess.TimeoutExpired):
         return "unknown"
+
+
+def write_results(out_dir: str, base_name: str, result: dict, markdown: str) -> str:
+    """Writes <base_name>.json and .md into out_dir (created), prints the markdown; returns the
+    path without extension (for a plot beside them)."""
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, base_name)
+    with open(base + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    with open(base + ".md", "w") as f:
+        f.write(markdown)
+    print(markdown)
+    return base

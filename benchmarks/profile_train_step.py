@@ -12,7 +12,6 @@ Usage: python benchmarks/profile_train_step.py [--configs C ...] [--steps N] [--
 Writes profile_train_step_<device>.{json,md}.
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_train_step import ROOT, prepare_variant  # noqa: E402
-from common import machine_name  # noqa: E402
+from common import machine_name, write_results  # noqa: E402
 
 DEFAULT_CONFIGS = ["Distillation-FasterRCNN-R18-R50-dsig-1x.yaml",
                    "Distillation-RetinaNet-R18-R50-dsig-1x.yaml"]
@@ -121,6 +120,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     a = p.parse_args(argv)
+    if a.steps < 1 or a.batch < 1:
+        p.error("--steps and --batch must be at least 1")
     size = a.size or ([800, 1333] if a.device == "cuda" else [320, 480])
     rows = []
     for config in a.configs:
@@ -140,14 +141,7 @@ def main(argv=None):
                      "backward": backward, "marginal": marginal})
     result = {"device": a.device, "machine": machine_name(a.device), "torch": torch.__version__,
               "size": size, "batch": a.batch, "steps": a.steps, "rows": rows}
-    os.makedirs(a.out, exist_ok=True)
-    base = os.path.join(a.out, f"profile_train_step_{a.device}")
-    with open(base + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    md = markdown(result)
-    with open(base + ".md", "w") as f:
-        f.write(md)
-    print(md)
+    write_results(a.out, f"profile_train_step_{a.device}", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -117,6 +117,25 @@ constexpr int kTile = 64;
 constexpr int kStepK = 16;
 constexpr int kGemmThreads = 256;
 
+// acc[a][b] += sum_k lhs[k][ty + 16 a] * rhs[k][tx + 16 b] over one K step of shared tiles.
+template <typename acc_t>
+__device__ __forceinline__ void tile_fma(const acc_t (*lhs)[kTile + 1],
+                                         const acc_t (*rhs)[kTile + 1], int tx, int ty,
+                                         acc_t (&acc)[4][4]) {
+#pragma unroll
+  for (int k = 0; k < kStepK; ++k) {
+    acc_t av[4], bv[4];
+#pragma unroll
+    for (int a = 0; a < 4; ++a) av[a] = lhs[k][ty + 16 * a];
+#pragma unroll
+    for (int b = 0; b < 4; ++b) bv[b] = rhs[k][tx + 16 * b];
+#pragma unroll
+    for (int a = 0; a < 4; ++a)
+#pragma unroll
+      for (int b = 0; b < 4; ++b) acc[a][b] += av[a] * bv[b];
+  }
+}
+
 // Gram tile (ti, tj), tj >= ti, over K range [k_begin, k_end) of split blockIdx.z; entries whose
 // row and column lie in different graphs are written as 0, and the tile is mirrored.
 template <typename T, typename acc_t>
@@ -135,11 +154,7 @@ block_gram_kernel(const T* __restrict__ x, int64_t N, int64_t D, int64_t k_chunk
   __shared__ acc_t as[kStepK][kTile + 1];
   __shared__ acc_t bs[kStepK][kTile + 1];
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  acc_t acc[4][4];
-#pragma unroll
-  for (int a = 0; a < 4; ++a)
-#pragma unroll
-    for (int b = 0; b < 4; ++b) acc[a][b] = acc_t(0);
+  acc_t acc[4][4] = {};
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kStepK) {
 #pragma unroll
     for (int e = 0; e < kTile * kStepK / kGemmThreads; ++e) {
@@ -151,18 +166,7 @@ block_gram_kernel(const T* __restrict__ x, int64_t N, int64_t D, int64_t k_chunk
       bs[k][m] = (k_ok && c0 + m < N) ? static_cast<acc_t>(x[(c0 + m) * D + kk]) : acc_t(0);
     }
     __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kStepK; ++k) {
-      acc_t av[4], bv[4];
-#pragma unroll
-      for (int a = 0; a < 4; ++a) av[a] = as[k][ty + 16 * a];
-#pragma unroll
-      for (int b = 0; b < 4; ++b) bv[b] = bs[k][tx + 16 * b];
-#pragma unroll
-      for (int a = 0; a < 4; ++a)
-#pragma unroll
-        for (int b = 0; b < 4; ++b) acc[a][b] += av[a] * bv[b];
-    }
+    tile_fma(as, bs, tx, ty, acc);
     __syncthreads();
   }
   acc_t* o = out + blockIdx.z * N * N;
@@ -207,11 +211,7 @@ block_factor_matmul_kernel(const acc_t* __restrict__ m, const T* __restrict__ x,
   __shared__ acc_t ms[kStepK][kTile + 1];  // ms[k][r] = M[r0 + r, j0 + k]
   __shared__ acc_t xs[kStepK][kTile + 1];  // xs[k][d] = X[j0 + k, d0 + d]
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  acc_t acc[4][4];
-#pragma unroll
-  for (int a = 0; a < 4; ++a)
-#pragma unroll
-    for (int b = 0; b < 4; ++b) acc[a][b] = acc_t(0);
+  acc_t acc[4][4] = {};
   for (int64_t j0 = j_begin; j0 < j_end; j0 += kStepK) {
 #pragma unroll
     for (int e = 0; e < kTile * kStepK / kGemmThreads; ++e) {
@@ -223,18 +223,7 @@ block_factor_matmul_kernel(const acc_t* __restrict__ m, const T* __restrict__ x,
                                                   : acc_t(0);
     }
     __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kStepK; ++k) {
-      acc_t av[4], bv[4];
-#pragma unroll
-      for (int a = 0; a < 4; ++a) av[a] = ms[k][ty + 16 * a];
-#pragma unroll
-      for (int b = 0; b < 4; ++b) bv[b] = xs[k][tx + 16 * b];
-#pragma unroll
-      for (int a = 0; a < 4; ++a)
-#pragma unroll
-        for (int b = 0; b < 4; ++b) acc[a][b] += av[a] * bv[b];
-    }
+    tile_fma(ms, xs, tx, ty, acc);
     __syncthreads();
   }
   const acc_t s = scale ? scale[0] : acc_t(1);

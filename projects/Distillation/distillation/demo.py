@@ -179,6 +179,9 @@ def prepare_user_data(train_spec: str, val_spec: str,
     register_datasets([train, val])
     short, long = image_size or (min(800, info["median_size"][0]),
                                  min(1333, info["median_size"][1]))
+    if not 0 < short <= long:
+        raise ValueError(f"image size must be SHORT LONG with 0 < SHORT <= LONG, got "
+                         f"{short} {long}")
     return UserData(train, val, len(info["categories"]), (int(short), int(long)))
 
 

@@ -234,13 +234,12 @@ class DistillationRCNN(nn.Module):
 
     @staticmethod
     def _graph_nodes(fg_idx, n_fg, mined_idx, mined_image, num_images):
-        """Row indices of the graphs [fg_b ; mined bg_b], image by image, and their sizes."""
+        """Row indices of the graphs [fg_b ; mined bg_b], image by image, and their sizes. The
+        mined rows come in ascending (image-major) row order, so already grouped by image."""
         mined_counts = torch.bincount(mined_image, minlength=num_images).tolist()
         parts, counts, f0, m0 = [], [], 0, 0
-        order = torch.sort(mined_image, stable=True).indices
-        mined_sorted = mined_idx[order]
         for b in range(num_images):
-            parts += [fg_idx[f0:f0 + n_fg[b]], mined_sorted[m0:m0 + mined_counts[b]]]
+            parts += [fg_idx[f0:f0 + n_fg[b]], mined_idx[m0:m0 + mined_counts[b]]]
             counts.append(n_fg[b] + mined_counts[b])
             f0 += n_fg[b]
             m0 += mined_counts[b]
