@@ -1,5 +1,6 @@
-"""MobileNetV2 and EfficientNet-B0 students as detectron2 FPN backbones, built from torchvision's
-model definitions so torchvision ImageNet weights load (RGB input, ImageNet mean/std)."""
+"""MobileNetV2 and EfficientNet-B0 students as detectron2 FPN backbones. LAYOUT "torchvision"
+(default): torchvision's model definitions, so torchvision ImageNet weights load (RGB input,
+ImageNet mean/std); "original": the original DSIG repository's modules (original_backbones.py)."""
 from typing import Dict, Sequence
 
 import torch
@@ -7,6 +8,9 @@ from detectron2.layers import FrozenBatchNorm2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 from torch import nn
+
+from .original_backbones import (OriginalEfficientNetB0, check_layout,
+                                 original_mobilenetv2_features)
 
 # (name, index of the last torchvision `features` block of the stage, channels, stride)
 MOBILENETV2_STAGES = [("m2", 3, 24, 4), ("m3", 6, 32, 8), ("m4", 13, 96, 16), ("m5", 17, 320, 32)]
@@ -29,8 +33,8 @@ def _replace_norm(module: nn.Module, norm: str) -> nn.Module:
     return module
 
 
-class TorchvisionStagesBackbone(Backbone):
-    """The `features` trunk of a torchvision classifier cut into named stages."""
+class StagesBackbone(Backbone):
+    """A Sequential trunk (torchvision's `features`) cut into named stages."""
 
     def __init__(self, features: nn.Sequential, stages, out_features: Sequence[str],
                  freeze_at: int = 0):
@@ -66,24 +70,28 @@ class TorchvisionStagesBackbone(Backbone):
                              stride=self._out_feature_strides[n]) for n in self._out_features}
 
 
-def build_mobilenetv2(cfg) -> TorchvisionStagesBackbone:
+def build_mobilenetv2(cfg) -> StagesBackbone:
     from torchvision.models import mobilenet_v2
 
-    net = _replace_norm(mobilenet_v2(weights=None), cfg.MODEL.MOBILENETV2.NORM)
-    return TorchvisionStagesBackbone(net.features, MOBILENETV2_STAGES,
-                                     cfg.MODEL.MOBILENETV2.OUT_FEATURES,
-                                     cfg.MODEL.MOBILENETV2.FREEZE_AT)
+    c = cfg.MODEL.MOBILENETV2
+    check_layout("MODEL.MOBILENETV2.LAYOUT", c.LAYOUT)
+    if c.LAYOUT == "original":
+        features = original_mobilenetv2_features(c.NORM)
+    else:
+        features = _replace_norm(mobilenet_v2(weights=None), c.NORM).features
+    return StagesBackbone(features, MOBILENETV2_STAGES, c.OUT_FEATURES, c.FREEZE_AT)
 
 
-def build_efficientnet_b0(cfg) -> TorchvisionStagesBackbone:
+def build_efficientnet_b0(cfg) -> Backbone:
     from torchvision.models import efficientnet_b0
 
-    net = efficientnet_b0(weights=None,
-                          stochastic_depth_prob=cfg.MODEL.EFFICIENTNET.STOCHASTIC_DEPTH)
-    net = _replace_norm(net, cfg.MODEL.EFFICIENTNET.NORM)
-    return TorchvisionStagesBackbone(net.features, EFFICIENTNET_B0_STAGES,
-                                     cfg.MODEL.EFFICIENTNET.OUT_FEATURES,
-                                     cfg.MODEL.EFFICIENTNET.FREEZE_AT)
+    c = cfg.MODEL.EFFICIENTNET
+    check_layout("MODEL.EFFICIENTNET.LAYOUT", c.LAYOUT)
+    if c.LAYOUT == "original":
+        return OriginalEfficientNetB0(c.OUT_FEATURES, c.NORM, c.FREEZE_AT, c.STOCHASTIC_DEPTH)
+    net = efficientnet_b0(weights=None, stochastic_depth_prob=c.STOCHASTIC_DEPTH)
+    net = _replace_norm(net, c.NORM)
+    return StagesBackbone(net.features, EFFICIENTNET_B0_STAGES, c.OUT_FEATURES, c.FREEZE_AT)
 
 
 def _fpn(cfg, bottom_up, top_block):

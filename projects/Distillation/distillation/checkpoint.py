@@ -20,7 +20,8 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
-from .weights import register_torchvision_handler, resolve_weights
+from .original_backbones import backbone_layout_mismatch
+from .weights import CONVERTED_AUTHORS, register_torchvision_handler, resolve_weights
 
 register_torchvision_handler()
 
@@ -196,6 +197,14 @@ def _check_backbone_init(weights, student_state, source):
             f"unexpected {unexpected[:20]}, wrong shape {wrong[:20]}")
 
 
+def _check_backbone_layout(weights, student_state):
+    """MobileNetV2 / EfficientNet-B0 weights in the other layout would load nothing into the
+    backbone (detectron2 only logs unmatched keys): refuse them, naming the config key."""
+    message = backbone_layout_mismatch(weights, student_state)
+    if message:
+        raise ValueError(message)
+
+
 class DistillationCheckpointer(SafeDetectionCheckpointer):
     """Checkpointer of the distillation wrapper (``model.student`` / ``model.teacher``).
 
@@ -211,6 +220,7 @@ class DistillationCheckpointer(SafeDetectionCheckpointer):
     def _load_model(self, checkpoint):
         model = self.model.module if hasattr(self.model, "module") else self.model
         if checkpoint.get("matching_heuristics", False):  # an ImageNet/C2 student init file
+            _check_backbone_layout(checkpoint["model"], model.student.state_dict())
             student_ckpt = SafeDetectionCheckpointer(model.student)
             return student_ckpt._load_model(checkpoint)
         metadata = getattr(checkpoint["model"], "_metadata", None)
@@ -218,6 +228,7 @@ class DistillationCheckpointer(SafeDetectionCheckpointer):
                    for k, v in checkpoint["model"].items()}
         student, teacher, had_prefixes = split_distillation_state(weights)
         student_state = model.student.state_dict()
+        _check_backbone_layout(student, student_state)
         # buffers the model rebuilds from its config (pixel_mean/std in the original's files)
         student = OrderedDict((k, v) for k, v in student.items()
                               if k in student_state or not _is_benign(k))
@@ -226,7 +237,7 @@ class DistillationCheckpointer(SafeDetectionCheckpointer):
             if missing or unexpected or wrong:
                 _raise_mismatch("MODEL.WEIGHTS (teacher.* keys)", missing, unexpected, wrong)
             model.teacher_weights_loaded = True
-        if checkpoint.get("__author__") == "torchvision":
+        if checkpoint.get("__author__") in CONVERTED_AUTHORS:
             _check_backbone_init(student, student_state, checkpoint.get("__source__", "file"))
         absent = [k for k in student_state if k not in student and not _is_benign(k)]
         merged = OrderedDict([("student." + k, v) for k, v in student.items()])

@@ -11,12 +11,16 @@ def add_distillation_config(cfg):
     # CPU (its only autocast dtype); or "float16" / "bfloat16"
     _C.SOLVER.AMP.PRECISION = "auto"
 
-    # --- students built from torchvision model definitions ----------------------------------
+    # --- MobileNetV2 / EfficientNet-B0 students -------------------------------------------------
+    # LAYOUT "torchvision": torchvision's modules (its ImageNet weights, RGB); "original": the
+    # original DSIG repository's module names and numerics (its checkpoints; they were fed BGR)
     _C.MODEL.MOBILENETV2 = CN()
+    _C.MODEL.MOBILENETV2.LAYOUT = "torchvision"
     _C.MODEL.MOBILENETV2.OUT_FEATURES = ["m2", "m3", "m4", "m5"]
     _C.MODEL.MOBILENETV2.NORM = "FrozenBN"  # FrozenBN, BN, SyncBN, GN
     _C.MODEL.MOBILENETV2.FREEZE_AT = 0  # 0: nothing frozen; 1: stem; k: stem + stages m2..m_k
     _C.MODEL.EFFICIENTNET = CN()
+    _C.MODEL.EFFICIENTNET.LAYOUT = "torchvision"
     _C.MODEL.EFFICIENTNET.OUT_FEATURES = ["e2", "e3", "e4", "e5"]
     _C.MODEL.EFFICIENTNET.NORM = "FrozenBN"
     _C.MODEL.EFFICIENTNET.FREEZE_AT = 0

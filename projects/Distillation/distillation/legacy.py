@@ -186,6 +186,7 @@ def translate_config(data: Dict[str, Any], source: str = "<config>") -> Dict[str
         distill["TEACHER"]["OPTS"] = opts + list(distill["TEACHER"].get("OPTS", []))
 
     _flip_rule(data, model, notes)
+    _original_backbone_layout(model, notes)
     for n in notes:
         logger.info("%s: %s", source, n)
     return data
@@ -203,6 +204,24 @@ def _flip_rule(data, model, notes):
         data.setdefault("INPUT", {})["FORMAT"] = "RGB"
         notes.append("ResNet < 50 student: INPUT.FORMAT RGB with reversed pixel statistics "
                      "(the original's channel flip)")
+
+
+def _original_backbone_layout(model, notes):
+    """MobileNetV2 / EfficientNet-B0 students are built with the original's modules (their
+    checkpoints' names and numerics). Its MobileNetV2 froze by MODEL.BACKBONE.FREEZE_AT (detectron2's
+    default 2); its EfficientNet froze nothing."""
+    backbone = (model.get("BACKBONE") or {}).get("NAME", "")
+    if "mobilenetv2" in backbone:
+        node = model.setdefault("MOBILENETV2", {})
+        node["LAYOUT"] = "original"
+        node["FREEZE_AT"] = (model.get("BACKBONE") or {}).get("FREEZE_AT", 2)
+        notes.append(f"MobileNetV2 student: MODEL.MOBILENETV2.LAYOUT original, FREEZE_AT "
+                     f"{node['FREEZE_AT']} (from MODEL.BACKBONE.FREEZE_AT)")
+    elif "efficientnet" in backbone:
+        node = model.setdefault("EFFICIENTNET", {})
+        node["LAYOUT"] = "original"
+        node["FREEZE_AT"] = 0
+        notes.append("EfficientNet-B0 student: MODEL.EFFICIENTNET.LAYOUT original, FREEZE_AT 0")
 
 
 def register_legacy_names() -> None:

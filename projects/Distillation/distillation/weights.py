@@ -26,6 +26,10 @@ ZOO_URL = "https://dl.fbaipublicfiles.com/detectron2/"
 ARCHS = ("resnet18", "resnet50", "resnet101", "resnet152", "mobilenet_v2", "efficientnet_b0")
 # the last `features` block the detection backbones use (the 1280-channel head is dropped)
 LAST_FEATURE_BLOCK = {"mobilenet_v2": 17, "efficientnet_b0": 7}
+# ImageNet files of the original DSIG repository's own student layouts (LAYOUT "original")
+ORIGINAL_LAYOUT_ARCHS = ("tonylins_mobilenet_v2", "lukemelas_efficientnet_b0")
+# checkpoint "__author__" of converted backbones: they must fill the student's backbone exactly
+CONVERTED_AUTHORS = ("torchvision", "original-layout")
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -58,14 +62,27 @@ def _features_key(k: str, last_block: int):
     return "backbone.bottom_up." + k
 
 
+def _original_layout_key(arch: str, k: str):
+    if arch == "tonylins_mobilenet_v2":
+        return _features_key(k, LAST_FEATURE_BLOCK["mobilenet_v2"])
+    if k.startswith(("_conv_head.", "_bn1.", "_fc.")) or k.endswith("num_batches_tracked"):
+        return None  # lukemelas: the head conv, its norm and the classifier
+    return "backbone.bottom_up." + k
+
+
 def convert(arch: str, state_dict) -> "OrderedDict[str, torch.Tensor]":
-    """A torchvision ImageNet state dict as ``backbone.bottom_up.*`` student weights."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; supported: {ARCHS}")
+    """A torchvision ImageNet state dict (or, for ORIGINAL_LAYOUT_ARCHS, an ImageNet file of the
+    original repository's student layouts) as ``backbone.bottom_up.*`` student weights."""
+    if arch not in ARCHS + ORIGINAL_LAYOUT_ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; supported: {ARCHS + ORIGINAL_LAYOUT_ARCHS}")
     out = OrderedDict()
     for k, v in state_dict.items():
-        new = (_resnet_key(k) if arch.startswith("resnet")
-               else _features_key(k, LAST_FEATURE_BLOCK[arch]))
+        if arch in ORIGINAL_LAYOUT_ARCHS:
+            new = _original_layout_key(arch, k)
+        elif arch.startswith("resnet"):
+            new = _resnet_key(k)
+        else:
+            new = _features_key(k, LAST_FEATURE_BLOCK[arch])
         if new is not None:
             out[new] = v.detach().clone()
     if not out:
