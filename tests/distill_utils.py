@@ -20,8 +20,10 @@ FASTER_RCNN_CONFIGS = [
 ]
 
 
-def make_coco_dataset(root, num_images=4, size=(96, 128), num_classes=3, seed=0):
-    """Images of coloured rectangles on noise, with a COCO json. Returns (json, image_root)."""
+def make_coco_dataset(root, num_images=4, size=(96, 128), num_classes=3, seed=0,
+                      with_masks=False):
+    """Images of coloured rectangles on noise, with a COCO json (and, with_masks, each
+    rectangle's polygon as its segmentation). Returns (json, image_root)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -38,6 +40,8 @@ def make_coco_dataset(root, num_images=4, size=(96, 128), num_classes=3, seed=0)
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
                                 "category_id": cls + 1, "bbox": [x, y, bw, bh],
                                 "area": bw * bh, "iscrowd": 0})
+            if with_masks:
+                annotations[-1]["segmentation"] = [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]]
         name = f"{i:04d}.png"
         Image.fromarray(img).save(os.path.join(root, "images", name))
         images.append({"id": i + 1, "file_name": name, "height": h, "width": w})
@@ -75,6 +79,11 @@ def tiny_opts(dataset, output_dir, num_classes=3, iters=1, batch=2, stable=False
         "SOLVER.CHECKPOINT_PERIOD", "100000", "DATALOADER.NUM_WORKERS", "0",
         "OUTPUT_DIR", output_dir, "SEED", "1",
     ]
+
+MASK_RCNN_CONFIGS = [
+    "Distillation-MaskRCNN-R18-R50-dsig-1x.yaml",
+    "Distillation-MaskRCNN-R50-R101-dsig-1x.yaml",
+]
 
 RETINANET_CONFIGS = [
     "Distillation-RetinaNet-R18-R50-dsig-1x.yaml",

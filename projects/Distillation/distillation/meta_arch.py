@@ -37,24 +37,28 @@ class DistillationRCNN(nn.Module):
 
     Training: the student runs as detectron2 runs it, except that its box branch keeps the pooled
     256x7x7 features of the sampled RoIs; the teacher (eval, no autograd) pools the same RoIs once
-    and classifies them; DSIG adds node, edge and the configured optional losses. Inference: the
-    student alone (no teacher work).
+    and classifies them; DSIG adds node, edge and the configured optional losses. A Mask R-CNN
+    student (MODEL.MASK_ON) trains its mask branch with its own loss on the same sampled RoIs; the
+    DSIG terms stay on the box branch, so the teacher may be a Mask R-CNN or a Faster R-CNN.
+    Inference: the student alone (no teacher work).
     """
 
     def __init__(self, cfg):
         super().__init__()
-        if cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON:
-            raise ValueError("DistillationRCNN distils Faster R-CNN: MODEL.MASK_ON and "
-                             "MODEL.KEYPOINT_ON are not supported")
+        if cfg.MODEL.KEYPOINT_ON:
+            raise ValueError("DistillationRCNN distils Faster R-CNN and Mask R-CNN: "
+                             "MODEL.KEYPOINT_ON is not supported")
         self.student = GeneralizedRCNN(cfg)
         teacher, tcfg = build_teacher(cfg)
         self.teacher = teacher
         self.backend = cfg.DISTILL.BACKEND
         if self.backend not in ("fused", "reference"):
             raise ValueError(f"DISTILL.BACKEND must be 'fused' or 'reference', got {self.backend!r}")
-        if self.backend == "fused":  # the student's own pooler too (no parameters: same names)
+        if self.backend == "fused":  # the student's own poolers too (no parameters: same names)
             heads = self.student.roi_heads
             heads.box_pooler = fused_pooler_like(heads.box_pooler, self.backend)
+            if getattr(heads, "mask_on", False) and heads.mask_pooler is not None:
+                heads.mask_pooler = fused_pooler_like(heads.mask_pooler, self.backend)
         self.teacher_pooler = (fused_pooler_like(self.teacher.roi_heads.box_pooler, self.backend)
                                if self.backend == "fused" else self.teacher.roi_heads.box_pooler)
         self._check_compatible(cfg, tcfg)
@@ -126,10 +130,15 @@ class DistillationRCNN(nn.Module):
         with region("student.rpn"):
             proposals, proposal_losses = s.proposal_generator(images, features, gt_instances)
         losses = dict(proposal_losses)
+        with region("student.box_branch"):
+            proposals = s.roi_heads.label_and_sample_proposals(proposals, gt_instances)
         det_losses, kd_losses = self._box_branch_and_dsig(features, t_features, proposals,
-                                                          gt_instances, len(batched_inputs))
+                                                          len(batched_inputs))
         losses.update(det_losses)
         losses.update(kd_losses)
+        if getattr(s.roi_heads, "mask_on", False):
+            with region("student.mask_branch"):  # detectron2's own: fg RoIs, its mask loss
+                losses.update(s.roi_heads._forward_mask(features, proposals))
         if self.cfg_distill.FEATURE_LOSS_ON:
             with region("dsig.feature_loss"):
                 losses["loss_dsig_feature"] = L.feature_map_loss(
@@ -137,12 +146,12 @@ class DistillationRCNN(nn.Module):
                     self.cfg_distill.FEATURE_LOSS_WEIGHT)
         return losses
 
-    def _box_branch_and_dsig(self, features, t_features, proposals, gt_instances, num_images):
-        """detectron2's StandardROIHeads box branch, keeping the pooled RoI features."""
+    def _box_branch_and_dsig(self, features, t_features, proposals, num_images):
+        """detectron2's StandardROIHeads box branch on the sampled RoIs, keeping their pooled
+        features, and the DSIG terms on them."""
         d = self.cfg_distill
         heads = self.student.roi_heads
         with region("student.box_branch"):
-            proposals = heads.label_and_sample_proposals(proposals, gt_instances)
             boxes = [p.proposal_boxes for p in proposals]
             pooled = heads.box_pooler([features[f] for f in heads.box_in_features], boxes)
             predictions = heads.box_predictor(heads.box_head(pooled))
