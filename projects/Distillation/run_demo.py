@@ -3,13 +3,14 @@
 shapes, evaluated with COCO metrics, and a report (report.md / report.json / plots).
 
 Usage: python projects/Distillation/run_demo.py [--preset tiny|quick|full] [--seeds N [N ...]]
-       [--methods M [M ...]] [--ablation] [--output DIR]
+       [--methods M [M ...]] [--ablation] [--task bbox|segm] [--output DIR]
        [--train NAME=ann.json,image_root --val NAME=ann.json,image_root [--image-size S L]]
 
 Methods (distilled students beside the teacher and the baseline, same schedule): dsig (default),
 dsig-edges, dsig-edges-fg (the paper's ablation; --ablation adds both), feature-mse, logit-kd,
 dsig-all. With --train/--val the same runs use a COCO detection dataset of your own (classes
-read from the json; the preset sets the schedule).
+read from the json; the preset sets the schedule). --task segm trains Mask R-CNN models instead
+(instance masks generated with the shapes, or read from your json) and reports box and mask AP.
 
 With several seeds the report gives each seed's numbers and their mean.
 """
@@ -34,6 +35,8 @@ def main():
                    help="also train edges-only and edges+fg-nodes DSIG students")
     p.add_argument("--methods", nargs="+", default=None, choices=list(demo.METHODS),
                    help="distilled students to train (default: dsig)")
+    p.add_argument("--task", default="bbox", choices=sorted(demo.TASKS),
+                   help="bbox: Faster R-CNN (default); segm: Mask R-CNN, box and mask AP")
     p.add_argument("--train", default=None, metavar="NAME=ann.json,image_root",
                    help="your own COCO-format train split (with --val)")
     p.add_argument("--val", default=None, metavar="NAME=ann.json,image_root")
@@ -56,7 +59,7 @@ def main():
     if a.jobs < 1:
         p.error("--jobs must be at least 1")
     report = demo.run(a.output, a.preset, a.seeds, a.ablation, a.backend, a.methods, a.train,
-                      a.val, a.image_size, a.jobs, a.teacher_weights, a.teacher_config)
+                      a.val, a.image_size, a.jobs, a.teacher_weights, a.teacher_config, a.task)
     print(open(os.path.join(a.output, "report.md")).read())
     return report
 

@@ -1,6 +1,6 @@
 """The offline demo: generated data -> teacher -> baseline student -> DSIG student -> COCO
 evaluation of all three -> a report. Stages already done are skipped on re-run; the teacher is
-cached per (preset, seed)."""
+cached per (preset, task, seed). Task "bbox": Faster R-CNN; "segm": Mask R-CNN (box and mask AP)."""
 import json
 import logging
 import os
@@ -62,6 +62,13 @@ METHODS = {
 }
 ABLATION = ["dsig-edges", "dsig-edges-fg"]  # the paper's order, then dsig
 
+# COCO evaluation tasks -> what the report calls their AP
+TASKS = {"bbox": "box", "segm": "mask"}
+# the demo's models per task: (teacher, baseline student, distilled student) configs
+MODEL_CONFIGS = {"bbox": ("teacher-R50.yaml", "student-R18.yaml", "dsig-R18-R50.yaml"),
+                 "segm": ("teacher-R50-mask.yaml", "student-R18-mask.yaml",
+                          "dsig-R18-R50-mask.yaml")}
+
 
 _console = None  # the terminal while a run's stdout goes to its log.txt
 
@@ -80,8 +87,10 @@ def _solver(iters: int, batch: int) -> List[str]:
             str(batch), "SOLVER.WARMUP_ITERS", str(min(100, max(1, iters // 10)))]
 
 
-def generate_data(root: str, preset: Preset, seed: int) -> Dict[str, str]:
-    """Generated train/val splits, reused when present; registered with detectron2."""
+def generate_data(root: str, preset: Preset, seed: int,
+                  with_masks: bool = False) -> Dict[str, str]:
+    """Generated train/val splits (with instance masks for Mask R-CNN), reused when present;
+    registered with detectron2."""
     paths = {}
     for split, n in (("train", preset.train_images), ("val", preset.val_images)):
         json_file = os.path.join(root, f"{split}.json")
@@ -89,7 +98,8 @@ def generate_data(root: str, preset: Preset, seed: int) -> Dict[str, str]:
             def progress(i, total, split=split):
                 if i == total or i % max(1, total // 10) == 0:
                     _print(f"[demo]   generating {split}: {i}/{total} images")
-            synthetic.generate(root, split, n, tuple(preset.image_size), seed, progress)
+            synthetic.generate(root, split, n, tuple(preset.image_size), seed, progress,
+                               with_masks)
         name = f"dsig_shapes_{os.path.basename(root)}_{split}"
         synthetic.register(name, json_file, os.path.join(root, split))
         paths[split] = name
@@ -117,9 +127,10 @@ def parse_split(spec: str) -> Tuple[str, str, str]:
 
 
 def check_coco_detection(json_file: str, image_root: str, split: str,
-                         every_category_used: bool = True) -> Dict:
-    """Reads and checks a COCO detection json; returns its categories {id: name}, image count
-    and the median (short, long) image side. Raises naming the problem otherwise."""
+                         every_category_used: bool = True, need_masks: bool = False) -> Dict:
+    """Reads and checks a COCO detection json (with instance masks: `need_masks`); returns its
+    categories {id: name}, image count and the median (short, long) image side. Raises naming
+    the problem otherwise."""
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"{split}: annotation file {json_file} not found")
     if not os.path.isdir(image_root):
@@ -151,6 +162,9 @@ def check_coco_detection(json_file: str, image_root: str, split: str,
         if not ok:
             bad.append(f"annotation {a.get('id')} of image {a.get('image_id')}: bbox {box}" +
                        (f" in a {im['width']}x{im['height']} image" if im else " (no such image)"))
+        if need_masks and not isinstance(a.get("segmentation"), (list, dict)):
+            raise ValueError(f"{split}: annotation {a.get('id')} in {json_file} has no "
+                             "'segmentation' (polygons or RLE): --task segm needs instance masks")
         used.add(a["category_id"])
     if bad:
         raise ValueError(f"{split}: {len(bad)} box(es) in {json_file} are empty or outside their "
@@ -165,14 +179,17 @@ def check_coco_detection(json_file: str, image_root: str, split: str,
 
 
 def prepare_user_data(train_spec: str, val_spec: str,
-                      image_size: Optional[Sequence[int]] = None) -> UserData:
+                      image_size: Optional[Sequence[int]] = None,
+                      task: str = "bbox") -> UserData:
     """Checks and registers the user's splits; the input size defaults to the median image,
     capped at 800 x 1333."""
     from .training import register_datasets
 
     train, val = parse_split(train_spec), parse_split(val_spec)
-    info = check_coco_detection(train[1], train[2], "train")
-    val_info = check_coco_detection(val[1], val[2], "val", every_category_used=False)
+    masks = task == "segm"
+    info = check_coco_detection(train[1], train[2], "train", need_masks=masks)
+    val_info = check_coco_detection(val[1], val[2], "val", every_category_used=False,
+                                    need_masks=masks)
     if val_info["categories"] != info["categories"]:
         raise ValueError(f"the val categories {sorted(val_info['categories'].values())} differ "
                          f"from the train categories {sorted(info['categories'].values())}")
@@ -268,7 +285,8 @@ def _train(config: str, opts: List[str], output_dir: str, distill: bool,
     os.makedirs(output_dir, exist_ok=True)
     with _RunLog(output_dir):
         result = _train_logged(config, opts, output_dir, distill, label)
-    _print(f"[demo]   {label + ': ' if label else ''}AP {result['bbox']['AP']:.2f} "
+    mask = f", mask AP {result['segm']['AP']:.2f}" if "segm" in result else ""
+    _print(f"[demo]   {label + ': ' if label else ''}AP {result['bbox']['AP']:.2f}{mask} "
            f"(log: {os.path.join(output_dir, 'log.txt')})")
     return result
 
@@ -301,7 +319,8 @@ def _train_logged(config: str, opts: List[str], output_dir: str, distill: bool,
 
         model = StockTrainer.build_model(cfg)
         SafeDetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-        result = {"bbox": StockTrainer.test(cfg, model)["bbox"], "train_seconds": 0.0,
+        metrics = StockTrainer.test(cfg, model)
+        result = {**{t: metrics[t] for t in TASKS if t in metrics}, "train_seconds": 0.0,
                   "threads": torch.get_num_threads(), "seconds_per_iter": 0.0}
         with open(result_file, "w") as f:
             json.dump(result, f, indent=2)
@@ -314,7 +333,7 @@ def _train_logged(config: str, opts: List[str], output_dir: str, distill: bool,
     train_seconds = time.time() - start
     if not metrics:
         metrics = trainer.test(cfg, trainer.model)
-    result = {"bbox": metrics["bbox"], "train_seconds": train_seconds,
+    result = {**{t: metrics[t] for t in TASKS if t in metrics}, "train_seconds": train_seconds,
               "threads": torch.get_num_threads(),
               "seconds_per_iter": seconds_per_iter(output_dir)
               or train_seconds / max(1, cfg.SOLVER.MAX_ITER)}
@@ -379,15 +398,23 @@ class Job:
     verbose: bool = False
 
 
+def run_tag(preset_name: str, task: str = "bbox") -> str:
+    """The part of run and data folder names that says which preset and task they belong to."""
+    return preset_name if task == "bbox" else f"{preset_name}-{task}"
+
+
 def plan_seed(output: str, preset_name: str, seed: int, methods: Sequence[str] = ("dsig",),
               backend: str = "fused", user_data: Optional[UserData] = None,
-              teacher: Optional[Tuple[str, str]] = None) -> List[Job]:
+              teacher: Optional[Tuple[str, str]] = None, task: str = "bbox") -> List[Job]:
     """Data of one seed (generated here unless the user's), then its runs: the teacher first,
     the students after it (they read its weights)."""
     preset = PRESETS[preset_name]
+    teacher_name, baseline_name, distilled_name = MODEL_CONFIGS[task]
+    arch = "Mask R-CNN " if task == "segm" else ""
+    preset_name = run_tag(preset_name, task)
     if user_data is None:
         root = os.path.join(output, f"data-{preset_name}-seed{seed}")
-        data = generate_data(root, preset, seed)
+        data = generate_data(root, preset, seed, with_masks=task == "segm")
         datasets = [(data[split], os.path.join(root, f"{split}.json"), os.path.join(root, split))
                     for split in ("train", "val")]
         common = ["DATASETS.TRAIN", f"('{data['train']}',)", "DATASETS.TEST",
@@ -401,13 +428,13 @@ def plan_seed(output: str, preset_name: str, seed: int, methods: Sequence[str] =
         preset_name = f"{preset_name}-{user_data.train[0]}"  # run folders of this dataset
     common += ["SEED", str(seed), "DISTILL.BACKEND", backend]
     teacher_dir = os.path.join(output, f"teacher-{preset_name}-seed{seed}")
-    teacher_config = os.path.join(CONFIG_DIR, "teacher-R50.yaml")
+    teacher_config = os.path.join(CONFIG_DIR, teacher_name)
     teacher_weights = os.path.join(teacher_dir, "model_final.pth")
     if teacher is None:
         jobs = [Job("teacher", seed, teacher_config,
                     common + _solver(preset.teacher_iters, preset.batch), teacher_dir, False,
-                    datasets, f"seed {seed}: teacher R50-FPN, {preset.teacher_iters} iterations "
-                    "(cached)", VERBOSE)]
+                    datasets, f"seed {seed}: teacher {arch}R50-FPN, {preset.teacher_iters} "
+                    "iterations (cached)", VERBOSE)]
     else:  # the user's trained teacher: evaluated only
         teacher_config, teacher_weights = teacher
         jobs = [Job("teacher", seed, teacher_config,
@@ -418,16 +445,16 @@ def plan_seed(output: str, preset_name: str, seed: int, methods: Sequence[str] =
     for name in _run_names(methods)[1:]:
         out = os.path.join(output, f"{name}-{preset_name}-seed{seed}")
         if name == "baseline":
-            jobs.append(Job(name, seed, os.path.join(CONFIG_DIR, "student-R18.yaml"),
+            jobs.append(Job(name, seed, os.path.join(CONFIG_DIR, baseline_name),
                             student_opts, out, False, datasets,
-                            f"seed {seed}: baseline student R18-FPN, {preset.student_iters} "
-                            "iterations", VERBOSE))
+                            f"seed {seed}: baseline student {arch}R18-FPN, "
+                            f"{preset.student_iters} iterations", VERBOSE))
         else:
             opts = (student_opts + ["DISTILL.TEACHER.WEIGHTS", teacher_weights,
                                     "DISTILL.TEACHER.CONFIG", teacher_config] + METHODS[name])
-            jobs.append(Job(name, seed, os.path.join(CONFIG_DIR, "dsig-R18-R50.yaml"), opts, out,
-                            True, datasets, f"seed {seed}: {name} student R18-FPN with the "
-                            f"teacher, {preset.student_iters} iterations", VERBOSE))
+            jobs.append(Job(name, seed, os.path.join(CONFIG_DIR, distilled_name), opts, out,
+                            True, datasets, f"seed {seed}: {name} student {arch}R18-FPN with "
+                            f"the teacher, {preset.student_iters} iterations", VERBOSE))
     return jobs
 
 
@@ -476,16 +503,19 @@ def run(output: str, preset_name: str = "quick", seeds: Union[int, Sequence[int]
         methods: Optional[Sequence[str]] = None, train: Optional[str] = None,
         val: Optional[str] = None, image_size: Optional[Sequence[int]] = None,
         jobs: int = 1, teacher_weights: Optional[str] = None,
-        teacher_config: Optional[str] = None) -> Dict:
+        teacher_config: Optional[str] = None, task: str = "bbox") -> Dict:
     """The whole demo for one or more seeds; the report averages over the seeds. `methods`
     selects the distilled students (METHODS; default dsig), `ablation` adds the paper's.
     `train` / `val` ("NAME=ann.json,image_root") run it on a COCO dataset of your own instead
     of the generated shapes (`image_size`: short and long input side, default from the data).
     `jobs` runs that many trainings at a time (teachers first, then the students).
     `teacher_weights` (with `teacher_config`, default the demo's R50-FPN) replaces the teacher
-    training by a given model, evaluated on the val split."""
+    training by a given model, evaluated on the val split. `task` "segm" trains Mask R-CNN
+    models (instance masks generated with the shapes) and reports box and mask AP."""
     if preset_name not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
@@ -495,14 +525,14 @@ def run(output: str, preset_name: str = "quick", seeds: Union[int, Sequence[int]
     methods = select_methods(methods, ablation)
     if (train is None) != (val is None):
         raise ValueError("give both a train and a val split of your data, or neither")
-    user_data = prepare_user_data(train, val, image_size) if train else None
+    user_data = prepare_user_data(train, val, image_size, task) if train else None
     teacher = None
     if teacher_weights:
         from .weights import resolve_weights
 
         if not os.path.isfile(resolve_weights(teacher_weights)):
             raise FileNotFoundError(f"teacher weights {teacher_weights} not found")
-        teacher = (teacher_config or os.path.join(CONFIG_DIR, "teacher-R50.yaml"),
+        teacher = (teacher_config or os.path.join(CONFIG_DIR, MODEL_CONFIGS[task][0]),
                    teacher_weights)
     elif teacher_config:
         raise ValueError("--teacher-config needs --teacher-weights (the demo trains its own "
@@ -525,7 +555,8 @@ def run(output: str, preset_name: str = "quick", seeds: Union[int, Sequence[int]
             say(f"seed {seed}: your data, {user_data.train[0]} / {user_data.val[0]}, "
                 f"{user_data.num_classes} classes, inputs {user_data.image_size[0]} / "
                 f"{user_data.image_size[1]} px")
-        plans[seed] = plan_seed(output, preset_name, seed, methods, backend, user_data, teacher)
+        plans[seed] = plan_seed(output, preset_name, seed, methods, backend, user_data, teacher,
+                                task)
     teachers = run_jobs([plans[s][0] for s in seeds], jobs, say)
     students = iter(run_jobs([j for s in seeds for j in plans[s][1:]], jobs, say))
     results = {}
@@ -538,16 +569,16 @@ def run(output: str, preset_name: str = "quick", seeds: Union[int, Sequence[int]
     if "dsig" in methods and user_data is None and not os.path.isfile(graph_png):
         from .graph_view import visualize
 
-        seed = seeds[0]
-        root = os.path.join(output, f"data-{preset_name}-seed{seed}")
+        seed, tag = seeds[0], run_tag(preset_name, task)
+        root = os.path.join(output, f"data-{tag}-seed{seed}")
         val_json = os.path.join(root, "val.json")
         with open(val_json) as f:
             first = json.load(f)["images"][0]["file_name"]
-        visualize(os.path.join(CONFIG_DIR, "dsig-R18-R50.yaml"), os.path.join(root, "val", first),
-                  val_json, graph_png,
-                  weights=os.path.join(output, f"dsig-{preset_name}-seed{seed}", "model_final.pth"),
+        visualize(os.path.join(CONFIG_DIR, MODEL_CONFIGS[task][2]),
+                  os.path.join(root, "val", first), val_json, graph_png,
+                  weights=os.path.join(output, f"dsig-{tag}-seed{seed}", "model_final.pth"),
                   opts=preset.extra + ["DISTILL.TEACHER.ALLOW_RANDOM_INIT", "True"])
-    return write_report(output, preset_name, preset, results, user_data)
+    return write_report(output, preset_name, preset, results, user_data, task)
 
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
@@ -558,11 +589,29 @@ def _mean(values: List[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def tasks_of(results: Dict[int, Dict[str, Dict]]) -> List[str]:
+    """The evaluation tasks present in the results (bbox always; segm for Mask R-CNN)."""
+    runs = [run for r in results.values() for run in r.values()]
+    return [t for t in TASKS if t == "bbox" or any(t in run for run in runs)]
+
+
+def _suffix(task: str) -> str:
+    """Report keys: the box keys keep their plain names, mask ones end in _segm."""
+    return "" if task == "bbox" else f"_{task}"
+
+
 def summarize(results: Dict[int, Dict[str, Dict]]) -> Dict:
-    """Per-seed and seed-averaged metrics, and the gap each DSIG variant recovers."""
+    """Per-seed and seed-averaged metrics, and the gap each DSIG variant recovers, per task
+    (box AP under the plain keys, mask AP under keys ending in _segm)."""
     names = list(next(iter(results.values())))
-    mean = {name: {"bbox": {k: _mean([r[name]["bbox"].get(k, float("nan"))
-                                      for r in results.values()]) for k in METRICS},
+    tasks = tasks_of(results)
+    nan = float("nan")
+
+    def metric(run: Dict, task: str, k: str) -> float:
+        return run.get(task, {}).get(k, nan)  # no detections: no segm block
+
+    mean = {name: {**{t: {k: _mean([metric(r[name], t, k) for r in results.values()])
+                          for k in METRICS} for t in tasks},
                    "seconds_per_iter": _mean([r[name]["seconds_per_iter"]
                                               for r in results.values()])}
             for name in names}
@@ -571,31 +620,37 @@ def summarize(results: Dict[int, Dict[str, Dict]]) -> Dict:
     def gaps(ap: Dict[str, float]) -> Dict[str, Optional[float]]:
         return {n: gap_recovered(ap["teacher"], ap["baseline"], ap[n]) for n in variants}
 
-    return {
+    summary = {
+        "tasks": tasks,
         "per_seed": {str(seed): {
-            "results": {n: {"bbox": v["bbox"], "seconds_per_iter": v["seconds_per_iter"],
+            "results": {n: {**{t: v.get(t, {}) for t in tasks},
+                            "seconds_per_iter": v["seconds_per_iter"],
                             "threads": v.get("threads")} for n, v in r.items()},
-            "gap_recovered": gaps({n: v["bbox"]["AP"] for n, v in r.items()})}
+            **{"gap_recovered" + _suffix(t): gaps({n: metric(v, t, "AP") for n, v in r.items()})
+               for t in tasks}}
             for seed, r in results.items()},
-        "mean": mean,
+        "mean": mean}
+    for t in tasks:
         # from the seed-averaged APs: a per-seed ratio of small gaps is noisy
-        "gap_recovered": gaps({n: v["bbox"]["AP"] for n, v in mean.items()}),
+        summary["gap_recovered" + _suffix(t)] = gaps({n: v[t]["AP"] for n, v in mean.items()})
         # max - min AP over the seeds (0 with one seed)
-        "spread": {n: max(r[n]["bbox"]["AP"] for r in results.values())
-                   - min(r[n]["bbox"]["AP"] for r in results.values()) for n in names},
-    }
+        summary["spread" + _suffix(t)] = {
+            n: max(metric(r[n], t, "AP") for r in results.values())
+            - min(metric(r[n], t, "AP") for r in results.values()) for n in names}
+    return summary
 
 
-def versus_baseline(report: Dict) -> List[str]:
+def versus_baseline(report: Dict, task: str = "bbox") -> List[str]:
     """One sentence per distilled student: its mean AP against the baseline's, and whether the
     difference exceeds the seed spread (max - min over the seeds of either run)."""
     if len(report["seeds"]) < 2:
         return ["One seed: no spread estimate, so no difference below is claimed as real."]
-    base = report["mean"]["baseline"]["bbox"]["AP"]
+    base = report["mean"]["baseline"][task]["AP"]
     lines = []
-    for name, g in report["gap_recovered"].items():
-        ap = report["mean"][name]["bbox"]["AP"]
-        spread = max(report["spread"][name], report["spread"]["baseline"])
+    for name in report["gap_recovered" + _suffix(task)]:
+        ap = report["mean"][name][task]["AP"]
+        spread = max(report["spread" + _suffix(task)][name],
+                     report["spread" + _suffix(task)]["baseline"])
         verdict = ("within the seed spread: not distinguishable from the baseline"
                    if abs(ap - base) <= spread else
                    f"{'above' if ap > base else 'below'} the baseline by more than the seed spread")
@@ -622,20 +677,22 @@ def _machine() -> str:
 
 def write_report(output: str, preset_name: str, preset: Preset,
                  results: Dict[int, Dict[str, Dict]],
-                 user_data: Optional[UserData] = None) -> Dict:
+                 user_data: Optional[UserData] = None, task: str = "bbox") -> Dict:
     import torch
 
     seeds = list(results)
-    report = {"preset": preset_name, "seeds": seeds, "preset_settings": asdict(preset),
+    report = {"preset": preset_name, "task": task, "seeds": seeds,
+              "preset_settings": asdict(preset),
               "data": asdict(user_data) if user_data else "generated shapes",
               "machine": _machine(), "torch": torch.__version__, **summarize(results)}
     with open(os.path.join(output, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     seed_text = ", ".join(map(str, seeds))
+    arch = "Mask R-CNN " if task == "segm" else ""
     threads = sorted({v["threads"] for r in report["per_seed"].values()
                       for v in r["results"].values() if v["threads"]})
-    lines = [f"# DSIG demo report ({preset_name} preset, seed{'s' if len(seeds) > 1 else ''} "
-             f"{seed_text})", "",
+    lines = [f"# DSIG demo report ({preset_name} preset{', Mask R-CNN' if arch else ''}, "
+             f"seed{'s' if len(seeds) > 1 else ''} {seed_text})", "",
              f"- machine: {report['machine']}, torch {report['torch']}"
              + (f"; training ran with {'/'.join(map(str, threads))} torch thread(s) per run"
                 if threads else ""),
@@ -644,31 +701,36 @@ def write_report(output: str, preset_name: str, preset: Preset,
               else f"- data: {user_data.train[0]} ({user_data.train[1]}) / {user_data.val[0]} "
                    f"({user_data.val[1]}), {user_data.num_classes} classes, inputs "
                    f"{user_data.image_size[0]} / {user_data.image_size[1]} px"),
-             f"- teacher R50-FPN {preset.teacher_iters} iterations, students R18-FPN "
+             f"- teacher {arch}R50-FPN {preset.teacher_iters} iterations, students {arch}R18-FPN "
              f"{preset.student_iters}, batch {preset.batch}", ""]
     if len(seeds) > 1:
         lines += [f"Mean over seeds {seed_text}; the last column lists AP per seed.", ""]
-    lines += ["| model | " + " | ".join(METRICS) + " | s/iter |"
-              + (" AP per seed |" if len(seeds) > 1 else ""),
-              "|---|" + "---:|" * (len(METRICS) + 1) + ("---|" if len(seeds) > 1 else "")]
-    for name, v in report["mean"].items():
-        row = " | ".join(f"{v['bbox'][k]:.2f}" for k in METRICS)
-        per_seed = " / ".join(f"{r['results'][name]['bbox']['AP']:.2f}"
-                              for r in report["per_seed"].values())
-        lines.append(f"| {name} | {row} | {v['seconds_per_iter']:.3f} |"
-                     + (f" {per_seed} |" if len(seeds) > 1 else ""))
 
     def fmt(g: Optional[float]) -> str:
         return "n/a (no gap)" if g is None else f"{g:.2f}"
 
-    lines += ["", "Fraction of the teacher-baseline AP gap recovered"
-              + (" (from the seed-averaged AP; per seed in brackets):" if len(seeds) > 1
-                 else ":"), ""]
-    for name, g in report["gap_recovered"].items():
-        per_seed = ", ".join(fmt(r["gap_recovered"][name]) for r in report["per_seed"].values())
-        lines.append(f"- {name}: **{fmt(g)}**" + (f" ({per_seed})" if len(seeds) > 1 else ""))
-    lines += ["", "Against the baseline:", ""] + versus_baseline(report)
-    lines += ["", "![AP](ap.png)", "", "![training loss](loss.png)", ""]
+    for t in report["tasks"]:
+        if len(report["tasks"]) > 1:
+            lines += [f"## {TASKS[t].capitalize()} AP", ""]
+        lines += ["| model | " + " | ".join(METRICS) + " | s/iter |"
+                  + (" AP per seed |" if len(seeds) > 1 else ""),
+                  "|---|" + "---:|" * (len(METRICS) + 1) + ("---|" if len(seeds) > 1 else "")]
+        for name, v in report["mean"].items():
+            row = " | ".join(f"{v[t][k]:.2f}" for k in METRICS)
+            per_seed = " / ".join(f"{r['results'][name][t].get('AP', float('nan')):.2f}"
+                                  for r in report["per_seed"].values())
+            lines.append(f"| {name} | {row} | {v['seconds_per_iter']:.3f} |"
+                         + (f" {per_seed} |" if len(seeds) > 1 else ""))
+        key = "gap_recovered" + _suffix(t)
+        lines += ["", f"Fraction of the teacher-baseline {TASKS[t]} AP gap recovered"
+                  + (" (from the seed-averaged AP; per seed in brackets):" if len(seeds) > 1
+                     else ":"), ""]
+        for name, g in report[key].items():
+            per_seed = ", ".join(fmt(r[key][name]) for r in report["per_seed"].values())
+            lines.append(f"- {name}: **{fmt(g)}**" + (f" ({per_seed})" if len(seeds) > 1 else ""))
+        lines += ["", f"Against the baseline ({TASKS[t]} AP):", ""] + versus_baseline(report, t)
+        lines += [""]
+    lines += ["![AP](ap.png)", "", "![training loss](loss.png)", ""]
     if os.path.isfile(os.path.join(output, "graph.png")):
         lines += [f"Instance graph of the DSIG student (seed {seeds[0]}) on a validation image "
                   "(nodes; teacher and student edge matrices; their difference):", "",
@@ -690,19 +752,22 @@ def _plots(output: str, report: Dict, results: Dict[int, Dict[str, Dict]]) -> No
 
     names = list(report["mean"])
     colors = {n: f"C{i}" for i, n in enumerate(names)}
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    tasks = report["tasks"]
+    fig, axes = plt.subplots(len(tasks), 1, figsize=(8, 3.5 * len(tasks)), squeeze=False)
     width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        xs = [j + i * width for j in range(len(METRICS))]
-        ax.bar(xs, [finite(report["mean"][name]["bbox"][k]) for k in METRICS], width,
-               label=name, color=colors[name])
-        if len(results) > 1:  # each seed as a dot on its bar
-            for r in report["per_seed"].values():
-                ax.plot(xs, [finite(r["results"][name]["bbox"].get(k, float("nan")))
-                             for k in METRICS], "k.", markersize=3)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(METRICS))], METRICS)
-    ax.set_ylabel("COCO AP (%)" + (", mean over seeds" if len(results) > 1 else ""))
-    ax.legend(fontsize=8)
+    for ax, t in zip(axes[:, 0], tasks):
+        for i, name in enumerate(names):
+            xs = [j + i * width for j in range(len(METRICS))]
+            ax.bar(xs, [finite(report["mean"][name][t][k]) for k in METRICS], width,
+                   label=name, color=colors[name])
+            if len(results) > 1:  # each seed as a dot on its bar
+                for r in report["per_seed"].values():
+                    ax.plot(xs, [finite(r["results"][name][t].get(k, float("nan")))
+                                 for k in METRICS], "k.", markersize=3)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(METRICS))], METRICS)
+        ax.set_ylabel(f"COCO {TASKS[t]} AP (%)"
+                      + (", mean over seeds" if len(results) > 1 else ""))
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(output, "ap.png"), dpi=100)
     plt.close(fig)

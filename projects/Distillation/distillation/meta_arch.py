@@ -136,7 +136,7 @@ class DistillationRCNN(nn.Module):
                                                           len(batched_inputs))
         losses.update(det_losses)
         losses.update(kd_losses)
-        if getattr(s.roi_heads, "mask_on", False):
+        if getattr(s.roi_heads, "mask_on", False) and not self.record_graph:
             with region("student.mask_branch"):  # detectron2's own: fg RoIs, its mask loss
                 losses.update(s.roi_heads._forward_mask(features, proposals))
         if self.cfg_distill.FEATURE_LOSS_ON:

@@ -4,7 +4,8 @@ Eight shape classes with intra-class variation (size over the COCO small/medium/
 aspect ratio, rotation, colour, texture, class-specific shape parameters), several objects per
 image with partial occlusion, unannotated clutter (distractor blobs and strokes) on textured
 backgrounds. Deterministic for a seed: image i is drawn from its own generator seeded by
-(seed, split, i). Writes PNG images and a COCO-format json.
+(seed, split, i). Writes PNG images and a COCO-format json; with masks, each annotation also
+holds its visible pixels (after occlusion) as an uncompressed COCO RLE.
 """
 import json
 import math
@@ -129,8 +130,19 @@ def _object_size(rng: np.random.Generator, image_size: Tuple[int, int]) -> int:
     return int(round(math.exp(rng.uniform(math.log(14), math.log(hi)))))
 
 
+def mask_to_rle(mask: np.ndarray) -> Dict:
+    """COCO uncompressed RLE of a binary h x w mask: run lengths over the pixels in
+    column-major order, starting with a (possibly empty) run of zeros."""
+    flat = np.asarray(mask, bool).T.reshape(-1)
+    bounds = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        runs = [0] + runs
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": runs}
+
+
 def render_image(rng: np.random.Generator, image_size: Tuple[int, int],
-                 max_objects: int = 7) -> Tuple[np.ndarray, List[Dict]]:
+                 max_objects: int = 7, with_masks: bool = False) -> Tuple[np.ndarray, List[Dict]]:
     h, w = image_size
     img = _background(h, w, rng)
     _clutter(img, rng)
@@ -165,13 +177,16 @@ def render_image(rng: np.random.Generator, image_size: Tuple[int, int],
         x1, y1, x2, y2 = int(xx.min()), int(yy.min()), int(xx.max()) + 1, int(yy.max()) + 1
         annotations.append({"category_id": obj["class"] + 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
                             "area": float(n), "iscrowd": 0})
+        if with_masks:
+            annotations[-1]["segmentation"] = mask_to_rle(vis)
     return np.clip(img, 0, 255).astype(np.uint8), annotations
 
 
 def generate(out_dir: str, split: str, num_images: int, image_size=(192, 256), seed: int = 0,
-             progress=None) -> str:
-    """Write `num_images` images and `<split>.json` (COCO format) under out_dir; returns the
-    json path. The same arguments always give the same files."""
+             progress=None, with_masks: bool = False) -> str:
+    """Write `num_images` images and `<split>.json` (COCO format; instance masks as RLE with
+    `with_masks`) under out_dir; returns the json path. The same arguments always give the same
+    files (the images and boxes do not depend on `with_masks`)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}")
     image_dir = os.path.join(out_dir, split)
@@ -179,7 +194,7 @@ def generate(out_dir: str, split: str, num_images: int, image_size=(192, 256), s
     images, annotations = [], []
     for i in range(num_images):
         rng = np.random.default_rng([seed, SPLITS[split], i])
-        img, anns = render_image(rng, tuple(image_size))
+        img, anns = render_image(rng, tuple(image_size), with_masks=with_masks)
         name = f"{i:06d}.png"
         Image.fromarray(img).save(os.path.join(image_dir, name))
         images.append({"id": i + 1, "file_name": name, "height": int(image_size[0]),
