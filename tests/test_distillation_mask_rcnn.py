@@ -154,3 +154,16 @@ def test_keypoint_students_are_refused(dataset, tmp_path):
     cfg = config(MASK_RCNN_CONFIGS[0], tmp_path, ["MODEL.KEYPOINT_ON", "True"])
     with pytest.raises(ValueError, match="KEYPOINT_ON is not supported"):
         build_model(frozen(cfg))
+
+
+def test_trains_under_autocast(dataset, tmp_path):
+    from distillation.training import AutocastTrainer
+
+    cfg = config(MASK_RCNN_CONFIGS[0], tmp_path, ["SOLVER.AMP.ENABLED", "True"])
+    trainer = Trainer(frozen(cfg))
+    assert isinstance(trainer._trainer, AutocastTrainer)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    latest = trainer.storage.latest()
+    assert "loss_mask" in latest and "loss_dsig_edge" in latest
+    assert all(np.isfinite(v[0]) for k, v in latest.items() if k.startswith("loss"))
