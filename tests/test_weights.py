@@ -8,7 +8,8 @@ import pytest
 import torch
 
 pytest.importorskip("detectron2")
-from distill_utils import CONFIGS, FASTER_RCNN_CONFIGS, RETINANET_CONFIGS  # noqa: E402
+from distill_utils import (CONFIGS, FASTER_RCNN_CONFIGS, MASK_RCNN_CONFIGS,  # noqa: E402
+                          RETINANET_CONFIGS)
 
 from distillation import weights as W  # noqa: E402
 from distillation.checkpoint import DistillationCheckpointer  # noqa: E402
@@ -91,12 +92,13 @@ def test_cached_zoo_file_needs_no_network(caches):
 def test_shipped_configs_name_downloadable_weights():
     """Every teacher comes from the detectron2 zoo except the R152 one (not in the zoo); every
     student from torchvision or detectron2's MSRA ImageNet backbones."""
-    for name in FASTER_RCNN_CONFIGS + RETINANET_CONFIGS:
+    for name in FASTER_RCNN_CONFIGS + RETINANET_CONFIGS + MASK_RCNN_CONFIGS:
         cfg = load_config(os.path.join(CONFIGS, name))
         assert cfg.MODEL.WEIGHTS.startswith(("torchvision://",
                                              "detectron2://ImageNetPretrained/MSRA/")), name
+        zoo = "COCO-InstanceSegmentation" if cfg.MODEL.MASK_ON else "COCO-Detection"
         if "R152" in name:
             assert not cfg.DISTILL.TEACHER.WEIGHTS.startswith("detectron2://")
         else:
-            assert cfg.DISTILL.TEACHER.WEIGHTS.startswith("detectron2://COCO-Detection/"), name
-    assert len(glob.glob(os.path.join(CONFIGS, "Distillation-*.yaml"))) == 8
+            assert cfg.DISTILL.TEACHER.WEIGHTS.startswith(f"detectron2://{zoo}/"), name
+    assert len(glob.glob(os.path.join(CONFIGS, "Distillation-*.yaml"))) == 10
