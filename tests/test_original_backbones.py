@@ -148,7 +148,8 @@ def test_original_efficientnet_names_and_outputs_match_reference(size):
     state = ours.state_dict()
     assert "_blocks.15._project_conv.weight" in state and "_blocks.0._se_reduce.bias" in state
     assert "_blocks.0._expand_conv.weight" not in state and "_blocks.1._expand_conv.weight" in state
-    assert all(m.eps == 1e-3 for n, m in ours.named_modules() if n.endswith(("_bn0", "_bn1", "_bn2")))
+    assert all(m.eps == 1e-3 for n, m in ours.named_modules()
+               if n.endswith(("_bn0", "_bn1", "_bn2")))
     reference = torchvision_efficientnet_with_original_numerics()
     result = reference.load_state_dict({lukemelas_to_torchvision(k): v for k, v in state.items()},
                                        strict=False)

@@ -208,8 +208,8 @@ def _flip_rule(data, model, notes):
 
 def _original_backbone_layout(model, notes):
     """MobileNetV2 / EfficientNet-B0 students are built with the original's modules (their
-    checkpoints' names and numerics). Its MobileNetV2 froze by MODEL.BACKBONE.FREEZE_AT (detectron2's
-    default 2); its EfficientNet froze nothing."""
+    checkpoints' names and numerics). Its MobileNetV2 froze by MODEL.BACKBONE.FREEZE_AT
+    (detectron2's default 2); its EfficientNet froze nothing."""
     backbone = (model.get("BACKBONE") or {}).get("NAME", "")
     if "mobilenetv2" in backbone:
         node = model.setdefault("MOBILENETV2", {})

@@ -185,8 +185,9 @@ class OriginalEfficientNetB0(Backbone):
         for repeats, kernel, stride, expand, cin, cout, name in EFFICIENTNET_B0_GROUPS:
             for i in range(repeats):
                 s = stride if i == 0 else 1
+                rate = drop_connect_rate * len(blocks) / total
                 blocks.append(OriginalMBConvBlock(cin if i == 0 else cout, cout, kernel, s, expand,
-                                                  size, norm, drop_connect_rate * len(blocks) / total))
+                                                  size, norm, rate))
                 size = math.ceil(size / s)
             if name:
                 self._stage_end[len(blocks) - 1] = name
@@ -237,9 +238,9 @@ def backbone_layout_mismatch(weights, model_keys) -> str:
             key = "MOBILENETV2" if arch == "MobileNetV2" else "EFFICIENTNET"
             return (f"these weights hold a {arch} backbone in the original DSIG repository's "
                     f"layout ({original}) but the model is built with torchvision's layout: set "
-                    f"MODEL.{key}.LAYOUT \"original\" (and feed it as the original did: INPUT.FORMAT "
-                    "\"BGR\" with PIXEL_MEAN/PIXEL_STD in BGR order), or load the original's config, "
-                    "which selects it")
+                    f"MODEL.{key}.LAYOUT \"original\" (and feed it as the original did: "
+                    "INPUT.FORMAT \"BGR\" with PIXEL_MEAN/PIXEL_STD in BGR order), or load the "
+                    "original's config, which selects it")
         if torchvision in weights and original in model_keys:
             key = "MOBILENETV2" if arch == "MobileNetV2" else "EFFICIENTNET"
             return (f"these weights hold a {arch} backbone in torchvision's layout "

@@ -4,7 +4,8 @@
 Supported: resnet18/50/101/152 (-> detectron2 ResNet names), mobilenet_v2, efficientnet_b0
 (-> this project's backbones); and the ImageNet files of the original DSIG repository's own
 student layouts (MODEL.*.LAYOUT "original"): tonylins_mobilenet_v2 (mobilenet_v2.pth.tar),
-lukemelas_efficientnet_b0 (efficientnet-b0-355c32eb.pth), which the original fed BGR. The output holds {"model": {"backbone.bottom_up.*": tensor}} and
+lukemelas_efficientnet_b0 (efficientnet-b0-355c32eb.pth), which the original fed BGR.
+The output holds {"model": {"backbone.bottom_up.*": tensor}} and
 loads as MODEL.WEIGHTS of a student (or of a stock detectron2 model with that backbone).
 torchvision weights expect RGB input with ImageNet statistics: set INPUT.FORMAT "RGB",
 MODEL.PIXEL_MEAN [123.675, 116.28, 103.53], MODEL.PIXEL_STD [58.395, 57.12, 57.375].
