@@ -90,3 +90,58 @@ RETINANET_CONFIGS = [
     "Distillation-RetinaNet-MNV2-R50-dsig-1x.yaml",
     "Distillation-RetinaNet-EB0-R101-dsig-1x.yaml",
 ]
+
+# A Faster R-CNN MobileNetV2 base config in the original repository's vocabulary (its layout,
+# TEACHER tree and registry names), written as its Base-Distillation.yaml.
+LEGACY_BASE = """
+MODEL:
+  META_ARCHITECTURE: "Distillation"
+  BACKBONE:
+    NAME: "build_mobilenetv2_fpn_backbone"
+  MOBILENETV2:
+    OUT_FEATURES: ["m2", "m3", "m4", "m5"]
+  FPN:
+    IN_FEATURES: ["m2", "m3", "m4", "m5"]
+  ANCHOR_GENERATOR:
+    SIZES: [[32], [64], [128], [256], [512]]
+    ASPECT_RATIOS: [[0.5, 1.0, 2.0]]
+  RPN:
+    IN_FEATURES: ["p2", "p3", "p4", "p5", "p6"]
+    POST_NMS_TOPK_TRAIN: 1000
+  ROI_HEADS:
+    NAME: "StandardROIHeads"
+    IN_FEATURES: ["p2", "p3", "p4", "p5"]
+  ROI_BOX_HEAD:
+    NAME: "FastRCNNConvFCHead"
+    NUM_FC: 2
+    POOLER_RESOLUTION: 7
+SOLVER:
+  IMS_PER_BATCH: 16
+INPUT:
+  MIN_SIZE_TRAIN: (640, 672, 704, 736, 768, 800)
+TEACHER:
+  MODEL:
+    META_ARCHITECTURE: "GeneralizedRCNN"
+    WEIGHTS: "projects/Distillation/teacher/R50.pkl"
+    MASK_ON: False
+    BACKBONE:
+      NAME: "build_resnet_fpn_backbone"
+    RESNETS:
+      OUT_FEATURES: ["res2", "res3", "res4", "res5"]
+    FPN:
+      IN_FEATURES: ["res2", "res3", "res4", "res5"]
+    PROPOSAL_GENERATOR:
+      NAME: "TeacherRPN"
+    RPN:
+      IN_FEATURES: ["p2", "p3", "p4", "p5", "p6"]
+    ROI_HEADS:
+      NAME: "TeacherROIHeads"
+      IN_FEATURES: ["p2", "p3", "p4", "p5"]
+    ROI_BOX_HEAD:
+      NAME: "FastRCNNConvFCHead"
+      NUM_FC: 2
+      POOLER_RESOLUTION: 7
+  SOLVER:
+    IMS_PER_BATCH: 16
+VERSION: 2
+"""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 pytest.importorskip("detectron2")
-from distill_utils import make_coco_dataset, tiny_opts  # noqa: E402
+from distill_utils import LEGACY_BASE, make_coco_dataset, tiny_opts  # noqa: E402
 
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.modeling import (BACKBONE_REGISTRY, META_ARCH_REGISTRY,  # noqa: E402
@@ -20,60 +20,6 @@ from distillation.training import Trainer, load_config, register_datasets  # noq
 from distillation.yaml_io import UnsafeYAMLError  # noqa: E402
 
 DATASET = "dsig_tiny_legacy"
-
-# Written in the original repository's vocabulary (its base layout, TEACHER tree and KD keys).
-LEGACY_BASE = """
-MODEL:
-  META_ARCHITECTURE: "Distillation"
-  BACKBONE:
-    NAME: "build_mobilenetv2_fpn_backbone"
-  MOBILENETV2:
-    OUT_FEATURES: ["m2", "m3", "m4", "m5"]
-  FPN:
-    IN_FEATURES: ["m2", "m3", "m4", "m5"]
-  ANCHOR_GENERATOR:
-    SIZES: [[32], [64], [128], [256], [512]]
-    ASPECT_RATIOS: [[0.5, 1.0, 2.0]]
-  RPN:
-    IN_FEATURES: ["p2", "p3", "p4", "p5", "p6"]
-    POST_NMS_TOPK_TRAIN: 1000
-  ROI_HEADS:
-    NAME: "StandardROIHeads"
-    IN_FEATURES: ["p2", "p3", "p4", "p5"]
-  ROI_BOX_HEAD:
-    NAME: "FastRCNNConvFCHead"
-    NUM_FC: 2
-    POOLER_RESOLUTION: 7
-SOLVER:
-  IMS_PER_BATCH: 16
-INPUT:
-  MIN_SIZE_TRAIN: (640, 672, 704, 736, 768, 800)
-TEACHER:
-  MODEL:
-    META_ARCHITECTURE: "GeneralizedRCNN"
-    WEIGHTS: "projects/Distillation/teacher/R50.pkl"
-    MASK_ON: False
-    BACKBONE:
-      NAME: "build_resnet_fpn_backbone"
-    RESNETS:
-      OUT_FEATURES: ["res2", "res3", "res4", "res5"]
-    FPN:
-      IN_FEATURES: ["res2", "res3", "res4", "res5"]
-    PROPOSAL_GENERATOR:
-      NAME: "TeacherRPN"
-    RPN:
-      IN_FEATURES: ["p2", "p3", "p4", "p5", "p6"]
-    ROI_HEADS:
-      NAME: "TeacherROIHeads"
-      IN_FEATURES: ["p2", "p3", "p4", "p5"]
-    ROI_BOX_HEAD:
-      NAME: "FastRCNNConvFCHead"
-      NUM_FC: 2
-      POOLER_RESOLUTION: 7
-  SOLVER:
-    IMS_PER_BATCH: 16
-VERSION: 2
-"""
 
 LEGACY_R18 = """
 _BASE_: "Base-Distillation.yaml"

@@ -5,14 +5,13 @@ References: torchvision's mobilenet_v2 (the same network under other names) and 
 efficientnet_b0 given the original's numerics by hand (norm eps 1e-3, the TensorFlow "same"
 padding it fixed for a 224x224 input: (0, 1) for stride-2 3x3 convs, (1, 2) for stride-2 5x5)."""
 import re
-import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 pytest.importorskip("detectron2")
-from distill_utils import make_coco_dataset, tiny_opts  # noqa: E402
+from distill_utils import LEGACY_BASE, make_coco_dataset, tiny_opts  # noqa: E402
 
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
@@ -202,11 +201,19 @@ def test_unknown_layout_is_refused():
 
 # --- the original's configs and released detectors ---------------------------------------------
 
-LEGACY_EB0 = """
-MODEL:
-  META_ARCHITECTURE: "Distillation"
+# Children of the original's base config (distill_utils.LEGACY_BASE: a MobileNetV2 student).
+LEGACY_KD = """
   PIXEL_MEAN: [103.530, 116.280, 123.675]
   PIXEL_STD: [57.375, 57.120, 58.395]
+KD:
+  REGION_CORRELATION_LOSS_WEIGHT_POOL: 2.0
+  REGION_CORRELATION_LOSS_USE_BG_FEATURE: True
+  BG_FEATURE_MINING_ON: True
+  FEATURE_ROIPOOL_BG_LOSS_ON: True
+"""
+LEGACY_MNV2 = '_BASE_: "Base-Distillation.yaml"\nMODEL:' + LEGACY_KD
+LEGACY_EB0 = """_BASE_: "Base-Distillation.yaml"
+MODEL:
   BACKBONE:
     NAME: "build_e0_fpn_backbone_kd"
   EFFICIENTNET:
@@ -214,49 +221,7 @@ MODEL:
     OUT_FEATURES: ["e2", "e3", "e4", "e5"]
     NORM: "FrozenBN"
   FPN:
-    IN_FEATURES: ["e2", "e3", "e4", "e5"]
-  RPN:
-    IN_FEATURES: ["p2", "p3", "p4", "p5", "p6"]
-  ROI_HEADS:
-    NAME: "DistillROIHeads"
-    IN_FEATURES: ["p2", "p3", "p4", "p5"]
-  ROI_BOX_HEAD:
-    NAME: "FastRCNNConvFCHead"
-    NUM_FC: 2
-    POOLER_RESOLUTION: 7
-  ANCHOR_GENERATOR:
-    SIZES: [[32], [64], [128], [256], [512]]
-TEACHER:
-  MODEL:
-    META_ARCHITECTURE: "GeneralizedRCNN"
-    BACKBONE:
-      NAME: "build_resnet_fpn_backbone"
-    RESNETS:
-      DEPTH: 50
-      OUT_FEATURES: ["res2", "res3", "res4", "res5"]
-    FPN:
-      IN_FEATURES: ["res2", "res3", "res4", "res5"]
-    RPN:
-      IN_FEATURES: ["p2", "p3", "p4", "p5", "p6"]
-    ROI_HEADS:
-      NAME: "TeacherROIHeads"
-      IN_FEATURES: ["p2", "p3", "p4", "p5"]
-    ROI_BOX_HEAD:
-      NAME: "FastRCNNConvFCHead"
-      NUM_FC: 2
-      POOLER_RESOLUTION: 7
-KD:
-  REGION_CORRELATION_LOSS_WEIGHT_POOL: 2.0
-  REGION_CORRELATION_LOSS_USE_BG_FEATURE: True
-  BG_FEATURE_MINING_ON: True
-  FEATURE_ROIPOOL_BG_LOSS_ON: True
-  FEATURE_ROIPOOL_FG_LOSS_WEIGHT: 0.5
-  FEATURE_ROIPOOL_BG_LOSS_WEIGHT: 0.5
-"""
-
-LEGACY_MNV2 = LEGACY_EB0.replace("build_e0_fpn_backbone_kd", "build_mobilenetv2_fpn_backbone") \
-    .replace("EFFICIENTNET", "MOBILENETV2").replace('    MODEL_NAME: "efficientnet-b0"\n', "") \
-    .replace('"e2", "e3", "e4", "e5"', '"m2", "m3", "m4", "m5"')
+    IN_FEATURES: ["e2", "e3", "e4", "e5"]""" + LEGACY_KD
 
 
 @pytest.fixture(scope="module")
@@ -265,8 +230,9 @@ def legacy_files(tmp_path_factory):
     json_file, image_root = make_coco_dataset(str(root / "data"))
     if DATASET not in DatasetCatalog.list():
         register_datasets([(DATASET, json_file, image_root)])
-    (root / "eb0.yaml").write_text(textwrap.dedent(LEGACY_EB0))
-    (root / "mnv2.yaml").write_text(textwrap.dedent(LEGACY_MNV2))
+    (root / "Base-Distillation.yaml").write_text(LEGACY_BASE)
+    (root / "eb0.yaml").write_text(LEGACY_EB0)
+    (root / "mnv2.yaml").write_text(LEGACY_MNV2)
     return root
 
 

@@ -18,6 +18,19 @@ def _digest(folder):
     return h.hexdigest()
 
 
+def _ground_truth_ap(coco, anns, iou_type):
+    """COCO AP of the annotations scored as detections (pycocotools' loadRes/evaluate path, as
+    COCOEvaluator uses it): 1 for a valid dataset."""
+    from pycocotools.cocoeval import COCOeval
+
+    dets = [{k: v for k, v in a.items() if k != "id"} | {"score": 1.0} for a in anns]
+    ev = COCOeval(coco, coco.loadRes(dets), iou_type)
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    return ev.stats[0]
+
+
 def test_deterministic_for_a_seed(tmp_path):
     a = synthetic.generate(str(tmp_path / "a"), "train", 6, seed=3)
     b = synthetic.generate(str(tmp_path / "b"), "train", 6, seed=3)
@@ -45,16 +58,7 @@ def test_valid_coco_with_variation(tmp_path):
         x, y, w, h = a["bbox"]
         assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= 256 and y + h <= 192
     # loadRes/evaluate path works on it (what COCOEvaluator uses)
-    from pycocotools.cocoeval import COCOeval
-
-    dets = [dict(a, score=1.0) for a in anns]
-    for d in dets:
-        d.pop("id")
-    ev = COCOeval(coco, coco.loadRes(dets), "bbox")
-    ev.evaluate()
-    ev.accumulate()
-    ev.summarize()
-    assert ev.stats[0] > 0.99  # the ground truth scores AP 1
+    assert _ground_truth_ap(coco, anns, "bbox") > 0.99
 
 
 def test_rejects_unknown_split(tmp_path):
@@ -68,7 +72,6 @@ def test_instance_masks_are_the_visible_pixels(tmp_path):
     pytest.importorskip("pycocotools")
     from pycocotools import mask as mask_util
     from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
     plain = synthetic.generate(str(tmp_path / "plain"), "val", 12, image_size=(96, 128), seed=2)
     path = synthetic.generate(str(tmp_path / "masks"), "val", 12, image_size=(96, 128), seed=2,
@@ -85,14 +88,7 @@ def test_instance_masks_are_the_visible_pixels(tmp_path):
         assert [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()] == a["bbox"]
         rle = mask_util.frPyObjects(a["segmentation"], 96, 128)
         assert mask_util.area(rle) == a["area"]
-    dets = [dict(a, score=1.0) for a in anns]
-    for d in dets:
-        d.pop("id")
-    ev = COCOeval(coco, coco.loadRes(dets), "segm")
-    ev.evaluate()
-    ev.accumulate()
-    ev.summarize()
-    assert ev.stats[0] > 0.99
+    assert _ground_truth_ap(coco, anns, "segm") > 0.99
 
 
 def test_rle_of_edge_cases():
