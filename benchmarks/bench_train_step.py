@@ -120,7 +120,9 @@ def prepare_variant(config, variant, device, size, batch_size, extra_opts=()):
     scaler = torch.amp.GradScaler(device) if amp else None
 
     def step():
-        with EventStorage(), torch.autocast(device, dtype=torch.float16, enabled=amp):
+        """One training step; returns the graph metrics the DSIG model logged (dsig/...)."""
+        with EventStorage() as storage, torch.autocast(device, dtype=torch.float16,
+                                                       enabled=amp):
             losses = net(batch)
         if variant == "student+teacher":
             with torch.no_grad():
@@ -135,6 +137,7 @@ def prepare_variant(config, variant, device, size, batch_size, extra_opts=()):
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
+        return {k: v for k, (v, _) in storage.latest().items() if k.startswith("dsig/")}
 
     return cfg, model, step
 
@@ -152,6 +155,7 @@ def run_config(config, variants, device, size, batch_size, iters, warmup):
         for _ in range(warmup):
             step()
     times = {v: [] for v in variants}
+    graphs = {}
     peak = {v: 0.0 for v in variants}
     for _ in range(iters):
         for variant, step in steps.items():
@@ -159,14 +163,16 @@ def run_config(config, variants, device, size, batch_size, iters, warmup):
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            step()
+            logged = step()
             if device == "cuda":
                 torch.cuda.synchronize()
                 peak[variant] = max(peak[variant], torch.cuda.max_memory_allocated() / 2**20)
             times[variant].append(time.perf_counter() - t0)
+            graphs[variant] = logged
     return {v: {"config": config, "variant": v, "stock": stock,
                 "seconds_per_iter": statistics.median(times[v]),
-                "peak_memory_mib": peak[v] if device == "cuda" else None} for v in variants}
+                "peak_memory_mib": peak[v] if device == "cuda" else None,
+                "graph": graphs.get(v) or None} for v in variants}
 
 
 def markdown(result):
@@ -183,7 +189,7 @@ def markdown(result):
     if amp:
         head += " (e) DSIG fused, fp16 AMP | (d)/(e) |"
         rule += "---:|---:|"
-    lines += [head + " peak MiB a/b/c/d |", rule + "---|"]
+    lines += [head + " peak MiB a/b/c/d | graph nodes/img, mined bg |", rule + "---|---|"]
     for r in result["rows"]:
         v = r["variants"]
         s = [v[k]["seconds_per_iter"] for k in VARIANTS]
@@ -195,8 +201,20 @@ def markdown(result):
         if amp:
             e = v[AMP_VARIANT]["seconds_per_iter"]
             line += f" {e:.3f} | {s[3] / e:.2f}x |"
-        lines.append(line + f" {mem} |")
+        lines.append(line + f" {mem} | {_graph_cell(v['dsig-fused'].get('graph'))} |")
+    lines += ["", "Graph sizes of the last (d) step: random-weight teachers find every sampled bg "
+              "RoI confusing, so Faster R-CNN graphs hold every bg RoI (a trained teacher mines "
+              "a fraction)."]
     return "\n".join(lines) + "\n"
+
+
+def _graph_cell(graph):
+    if not graph or "dsig/graph_nodes" not in graph:
+        return "-"
+    cell = f"{graph['dsig/graph_nodes']:.0f}"
+    if "dsig/mined_bg_fraction" in graph:
+        cell += f", {100 * graph['dsig/mined_bg_fraction']:.0f} %"
+    return cell
 
 
 def plot(result, path):

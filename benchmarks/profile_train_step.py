@@ -31,6 +31,9 @@ ABLATIONS = {
     "bg mining (teacher box head on bg RoIs)": ["DISTILL.BG_MINING_ON", "False"],
     "fg node loss": ["DISTILL.FG_NODE_LOSS_ON", "False"],
     "bg node loss": ["DISTILL.BG_NODE_LOSS_ON", "False"],
+    "logit KD (teacher head on the RoIs / anchors)": ["DISTILL.ROI_CLS_KD_ON", "False",
+                                                      "DISTILL.ROI_REG_KD_ON", "False"],
+    "feature imitation": ["DISTILL.FEATURE_LOSS_ON", "False"],
 }
 
 
@@ -84,6 +87,17 @@ def marginal_costs(config, device, size, batch, steps, applicable):
             for name, t in times.items()}
 
 
+def graph_sentence(row):
+    g = row.get("graph") or {}
+    if "dsig/graph_nodes" not in g:
+        return ""
+    text = f"Graphs: {g['dsig/graph_nodes']:.0f} nodes per image"
+    if "dsig/mined_bg_fraction" in g:
+        text += (f", {100 * g['dsig/mined_bg_fraction']:.0f} % of the sampled bg RoIs mined "
+                 "into the edges")
+    return text + "."
+
+
 def markdown(result):
     lines = [f"# DSIG training-step profile ({result['device']})", "",
              f"- machine: {result['machine']}", f"- torch {result['torch']}, input "
@@ -92,7 +106,7 @@ def markdown(result):
     for row in result["rows"]:
         total = row["step_seconds"] * 1e3
         lines += [f"## {row['config']}", "",
-                  f"Step: {total:.0f} ms (median, not profiled).", "",
+                  f"Step: {total:.0f} ms (median, not profiled). {graph_sentence(row)}", "",
                   "| forward region | ms/step | % of step |", "|---|---:|---:|"]
         for name, ms in sorted(row["regions"].items(), key=lambda kv: -kv[1]):
             lines.append(f"| {name} | {ms:.1f} | {100 * ms / total:.1f} |")
@@ -127,18 +141,20 @@ def main(argv=None):
     for config in a.configs:
         print(f"[profile] {config}", flush=True)
         cfg, _, step = prepare_variant(config, "dsig-fused", a.device, size, a.batch)
-        step()  # warm-up
+        graph = step()  # warm-up; the graph sizes of this batch
         step_seconds = statistics.median(step_times(step, a.device, a.steps))
         regions, backward = profile_regions(step, a.device, a.steps)
         d = cfg.DISTILL
         on = {"edge loss": d.EDGE_LOSS_ON,
               "bg mining (teacher box head on bg RoIs)": d.EDGE_LOSS_ON and d.BG_MINING_ON,
-              "fg node loss": d.FG_NODE_LOSS_ON, "bg node loss": d.BG_NODE_LOSS_ON}
+              "fg node loss": d.FG_NODE_LOSS_ON, "bg node loss": d.BG_NODE_LOSS_ON,
+              "logit KD (teacher head on the RoIs / anchors)": d.ROI_CLS_KD_ON or d.ROI_REG_KD_ON,
+              "feature imitation": d.FEATURE_LOSS_ON}
         applicable = [k for k, v in on.items()
                       if v and not (k.startswith("bg") and "RetinaNet" in config)]
         marginal = marginal_costs(config, a.device, size, a.batch, a.steps, applicable)
         rows.append({"config": config, "step_seconds": step_seconds, "regions": regions,
-                     "backward": backward, "marginal": marginal})
+                     "backward": backward, "marginal": marginal, "graph": graph})
     result = {"device": a.device, "machine": machine_name(a.device), "torch": torch.__version__,
               "size": size, "batch": a.batch, "steps": a.steps, "rows": rows}
     write_results(a.out, f"profile_train_step_{a.device}", result, markdown(result))

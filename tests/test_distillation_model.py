@@ -134,6 +134,31 @@ def test_fused_and_reference_backends_agree(dataset, tmp_path):
         torch.testing.assert_close(g_f[n], g_r[n], rtol=1e-4, atol=1e-5 * scale + 1e-10)
 
 
+@pytest.mark.parametrize("threshold", [0.0, 1e9])
+def test_graph_sizes_are_logged(dataset, tmp_path, threshold):
+    """dsig/graph_nodes and dsig/mined_bg_fraction describe the graphs the edge loss saw: every
+    sampled bg RoI mined at threshold 0, none at an unreachable threshold."""
+    cfg = config(FASTER_RCNN_CONFIGS[1], tmp_path, ["DISTILL.BG_MINING_THRESHOLD", threshold])
+    model = _model(cfg)
+    model.train()
+    model.record_graph = True
+    batch = one_batch(cfg)
+    with EventStorage() as storage:
+        model(batch)
+    logged = {k: v for k, (v, _) in storage.latest().items()}
+    nodes_per_image = sum(model.last_graph["counts"]) / len(batch)
+    assert logged["dsig/graph_nodes"] == pytest.approx(nodes_per_image)
+    # detectron2's own per-image means of the sampled RoIs
+    fg, bg = logged["roi_head/num_fg_samples"], logged["roi_head/num_bg_samples"]
+    assert bg > 0
+    if threshold == 0.0:
+        assert logged["dsig/mined_bg_fraction"] == 1.0
+        assert nodes_per_image == pytest.approx(fg + bg)  # every sampled RoI is a node
+    else:
+        assert logged["dsig/mined_bg_fraction"] == 0.0
+        assert nodes_per_image == pytest.approx(fg)
+
+
 def test_teacher_is_frozen_and_in_eval(dataset, tmp_path):
     cfg = config(FASTER_RCNN_CONFIGS[1], tmp_path)
     model = _model(cfg)

@@ -57,6 +57,7 @@ def test_config_trains_one_iteration(name, dataset, tmp_path):
     latest = trainer.storage.latest()
     assert {k[len("loss_dsig_"):] for k in latest if k.startswith("loss_dsig_")} == EXPECTED[name]
     assert all(np.isfinite(v[0]) for k, v in latest.items() if k.startswith("loss"))
+    assert 0 < latest["dsig/graph_nodes"][0] <= cfg.DISTILL.NODE_MAX_PER_IMAGE
 
 
 def test_original_schedule_and_anchors():

@@ -5,6 +5,7 @@ from typing import Dict, List
 import torch
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.poolers import ROIPooler
+from detectron2.utils.events import get_event_storage
 from torch import nn
 from torch.profiler import record_function as region  # names the profile's rows
 
@@ -15,6 +16,19 @@ from .config import resolve_feature_loss_levels
 from .teacher import build_teacher, needs_channel_flip, teacher_images
 
 logger = logging.getLogger(__name__)
+
+
+def log_graph_sizes(node_counts, n_fg=None, n_bg=None):
+    """Training metrics of the instance graphs (host counts, no extra sync): nodes per graph and,
+    for two-stage graphs, the fraction of sampled bg RoIs the teacher mined into the edges."""
+    try:
+        storage = get_event_storage()
+    except AssertionError:  # a training-mode forward outside detectron2's trainer
+        return
+    storage.put_scalar("dsig/graph_nodes", sum(node_counts) / max(1, len(node_counts)))
+    if n_fg is not None:
+        mined = sum(node_counts) - sum(n_fg)
+        storage.put_scalar("dsig/mined_bg_fraction", mined / max(1, sum(n_bg)))
 
 
 def fused_pooler_like(pooler: nn.Module, backend: str) -> nn.Module:
@@ -216,6 +230,7 @@ class DistillationRCNN(nn.Module):
                 mined = torch.zeros(len(bg_idx), dtype=torch.bool, device=bg_idx.device)
             node_idx, node_counts = self._graph_nodes(fg_idx, n_fg, bg_idx[mined],
                                                       image_of[bg_idx[mined]], len(n_fg))
+        log_graph_sizes(node_counts, n_fg, n_bg)
         with region("dsig.edge_loss"):
             loss = L.edge_loss(s_flat[node_idx], t_flat[node_idx], node_counts,
                                d.EDGE_LOSS_WEIGHT, c, self.backend, d.EDGE_ZERO_DEAD_ROWS)

@@ -13,6 +13,7 @@ import dsig_ext
 
 from . import losses as L
 from .config import resolve_feature_loss_levels
+from .meta_arch import log_graph_sizes
 from .teacher import build_teacher, needs_channel_flip, teacher_images
 
 
@@ -115,11 +116,15 @@ class DistillationRetinaNet(nn.Module):
                                       self.device)
             t_dict = self.teacher.backbone(t_images.tensor)
             t_features = [t_dict[f] for f in self.teacher.head_in_features]
-            t_predictions = self.teacher.head(t_features) if dense_kd else None
+        t_predictions = None
+        if dense_kd:  # the teacher's dense head, for the anchor-level KD terms only
+            with torch.no_grad(), region("dsig.teacher_head"):
+                t_predictions = self.teacher.head(t_features)
         with region("dsig.node_selection"):
             detections = self.student_detections(images, features, predictions)
         boxes = [r.pred_boxes for r in detections]
         counts = [len(b) for b in boxes]
+        log_graph_sizes(counts)
         with region("dsig.node_pooling"):
             s_nodes = self.node_pooler(features, boxes).flatten(1)
             with torch.no_grad():
