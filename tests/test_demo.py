@@ -68,6 +68,11 @@ def test_tiny_demo_pipeline(tmp_path):
     for r in runs.values():
         assert isinstance(r["bbox"]["AP"], float) and not math.isnan(r["bbox"]["AP"])
         assert r["seconds_per_iter"] > 0 and r["threads"] >= 1
+    for name in ("dsig", "dsig-edges", "dsig-edges-fg"):  # graph sizes logged in training
+        graph = runs[name]["graph"]
+        assert graph["graph_nodes"] >= 1 and 0 <= graph["mined_bg_fraction"] <= 1
+    assert "graph" not in runs["baseline"] and "graph" not in runs["teacher"]
+    assert "- dsig: " in (tmp_path / "report.md").read_text().split("Instance graphs")[1]
     # a re-run skips every stage already done
     mtime = os.path.getmtime(tmp_path / "dsig-tiny-seed0" / "result.json")
     demo.run(str(tmp_path), "tiny", seeds=[0], ablation=True)

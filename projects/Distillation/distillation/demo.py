@@ -285,8 +285,10 @@ def _train(config: str, opts: List[str], output_dir: str, distill: bool,
     os.makedirs(output_dir, exist_ok=True)
     with _RunLog(output_dir):
         result = _train_logged(config, opts, output_dir, distill, label)
+    # an evaluation with no detections at all has no metrics block: NaN, not a KeyError
+    box_ap = result.get("bbox", {}).get("AP", float("nan"))
     mask = f", mask AP {result['segm']['AP']:.2f}" if "segm" in result else ""
-    _print(f"[demo]   {label + ': ' if label else ''}AP {result['bbox']['AP']:.2f}{mask} "
+    _print(f"[demo]   {label + ': ' if label else ''}AP {box_ap:.2f}{mask} "
            f"(log: {os.path.join(output_dir, 'log.txt')})")
     return result
 
@@ -337,6 +339,9 @@ def _train_logged(config: str, opts: List[str], output_dir: str, distill: bool,
               "threads": torch.get_num_threads(),
               "seconds_per_iter": seconds_per_iter(output_dir)
               or train_seconds / max(1, cfg.SOLVER.MAX_ITER)}
+    graph = graph_sizes(output_dir)
+    if graph:
+        result["graph"] = graph
     with open(result_file, "w") as f:
         json.dump(result, f, indent=2)
     return result
@@ -350,6 +355,20 @@ def seconds_per_iter(output_dir: str) -> Optional[float]:
     with open(path) as f:
         times = [r["time"] for r in map(json.loads, f) if "time" in r]
     return sum(times) / len(times) if times else None
+
+
+def graph_sizes(output_dir: str) -> Dict[str, float]:
+    """Mean over the logged iterations of the DSIG graph metrics (nodes per image, fraction of
+    the sampled bg RoIs mined into the edges); empty for runs without an edge loss."""
+    path = os.path.join(output_dir, "metrics.json")
+    values: Dict[str, List[float]] = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            for r in map(json.loads, f):
+                for k in ("dsig/graph_nodes", "dsig/mined_bg_fraction"):
+                    if k in r:
+                        values.setdefault(k.split("/", 1)[1], []).append(r[k])
+    return {k: sum(v) / len(v) for k, v in values.items()}
 
 
 def loss_curve(output_dir: str) -> List[Dict]:
@@ -625,7 +644,9 @@ def summarize(results: Dict[int, Dict[str, Dict]]) -> Dict:
         "per_seed": {str(seed): {
             "results": {n: {**{t: v.get(t, {}) for t in tasks},
                             "seconds_per_iter": v["seconds_per_iter"],
-                            "threads": v.get("threads")} for n, v in r.items()},
+                            "threads": v.get("threads"),
+                            **({"graph": v["graph"]} if v.get("graph") else {})}
+                        for n, v in r.items()},
             **{"gap_recovered" + _suffix(t): gaps({n: metric(v, t, "AP") for n, v in r.items()})
                for t in tasks}}
             for seed, r in results.items()},
@@ -730,6 +751,7 @@ def write_report(output: str, preset_name: str, preset: Preset,
             lines.append(f"- {name}: **{fmt(g)}**" + (f" ({per_seed})" if len(seeds) > 1 else ""))
         lines += ["", f"Against the baseline ({TASKS[t]} AP):", ""] + versus_baseline(report, t)
         lines += [""]
+    lines += graph_lines(results)
     lines += ["![AP](ap.png)", "", "![training loss](loss.png)", ""]
     if os.path.isfile(os.path.join(output, "graph.png")):
         lines += [f"Instance graph of the DSIG student (seed {seeds[0]}) on a validation image "
@@ -739,6 +761,24 @@ def write_report(output: str, preset_name: str, preset: Preset,
         f.write("\n".join(lines))
     _plots(output, report, results)
     return report
+
+
+def graph_lines(results: Dict[int, Dict[str, Dict]]) -> List[str]:
+    """How large the instance graphs were during training, per distilled student (mean over
+    iterations and seeds); nothing for runs that logged none (no edge loss, older runs)."""
+    names = list(next(iter(results.values())))
+    lines = []
+    for name in names:
+        graphs = [r[name]["graph"] for r in results.values() if r[name].get("graph")]
+        if not graphs:
+            continue
+        text = f"- {name}: {_mean([g['graph_nodes'] for g in graphs]):.0f} nodes per image"
+        mined = [g["mined_bg_fraction"] for g in graphs if "mined_bg_fraction" in g]
+        if mined:
+            text += f", {100 * _mean(mined):.0f} % of the sampled bg RoIs mined into the edges"
+        lines.append(text)
+    return (["Instance graphs during training (mean over iterations and seeds):", ""] + lines
+            + [""]) if lines else []
 
 
 def _plots(output: str, report: Dict, results: Dict[int, Dict[str, Dict]]) -> None:
