@@ -120,7 +120,7 @@ def prepare_variant(config, variant, device, size, batch_size, extra_opts=()):
     scaler = torch.amp.GradScaler(device) if amp else None
 
     def step():
-        """One training step; returns the graph metrics the DSIG model logged (dsig/...)."""
+        """One training step; returns the scalars the model logged (name -> value)."""
         with EventStorage() as storage, torch.autocast(device, dtype=torch.float16,
                                                        enabled=amp):
             losses = net(batch)
@@ -137,7 +137,7 @@ def prepare_variant(config, variant, device, size, batch_size, extra_opts=()):
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-        return {k: v for k, (v, _) in storage.latest().items() if k.startswith("dsig/")}
+        return {k: v for k, (v, _) in storage.latest().items()}
 
     return cfg, model, step
 
@@ -168,7 +168,7 @@ def run_config(config, variants, device, size, batch_size, iters, warmup):
                 torch.cuda.synchronize()
                 peak[variant] = max(peak[variant], torch.cuda.max_memory_allocated() / 2**20)
             times[variant].append(time.perf_counter() - t0)
-            graphs[variant] = logged
+            graphs[variant] = {k: v for k, v in logged.items() if k.startswith("dsig/")}
     return {v: {"config": config, "variant": v, "stock": stock,
                 "seconds_per_iter": statistics.median(times[v]),
                 "peak_memory_mib": peak[v] if device == "cuda" else None,

@@ -87,6 +87,80 @@ def marginal_costs(config, device, size, batch, steps, applicable):
             for name, t in times.items()}
 
 
+def floor_work(cfg, model, logged, device, size, batch):
+    """The work a DSIG step must do beyond the student step and the teacher's backbone forward,
+    each piece as a function run alone on inputs of this step's shapes: the teacher's box head on
+    the RoIs it classifies (mining, RoI KD), the teacher's dense head (RetinaNet logit KD) and the
+    edge loss forward + backward on graphs of the logged size (dsig_ext's fused op)."""
+    import dsig_ext
+
+    d, teacher = cfg.DISTILL, model.teacher
+    gen = torch.Generator().manual_seed(0)
+    work = {}
+    retina = "RetinaNet" in cfg.MODEL.META_ARCHITECTURE
+    roi_kd = d.ROI_CLS_KD_ON or d.ROI_REG_KD_ON
+    if not retina and (roi_kd or (d.EDGE_LOSS_ON and d.BG_MINING_ON)):
+        per_image = logged["roi_head/num_bg_samples"] + (
+            logged["roi_head/num_fg_samples"] if roi_kd else 0)
+        head = teacher.roi_heads
+        res = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
+        x = torch.randn(round(per_image * batch), cfg.MODEL.FPN.OUT_CHANNELS, res, res,
+                        generator=gen).to(device)
+
+        def box_head():
+            with torch.no_grad():
+                head.box_predictor(head.box_head(x))
+        work[f"teacher box head on {x.shape[0]} RoIs"] = box_head
+    if retina and roi_kd:
+        from bench_train_step import _batch
+        from distillation.teacher import teacher_images
+
+        with torch.no_grad():
+            images = teacher_images(teacher, _batch(cfg, batch, size), model.flip_teacher_input,
+                                    model.device)
+            t_dict = teacher.backbone(images.tensor)
+            t_features = [t_dict[f] for f in teacher.head_in_features]
+
+        def dense_head():
+            with torch.no_grad():
+                teacher.head(t_features)
+        work["teacher dense head"] = dense_head
+    if d.EDGE_LOSS_ON and "dsig/graph_nodes" in logged:
+        n = max(1, round(logged["dsig/graph_nodes"]))
+        res = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION if not retina else d.NODE_POOLER_RESOLUTION
+        dim = cfg.MODEL.FPN.OUT_CHANNELS * res * res
+        s_nodes = torch.randn(n * batch, dim, generator=gen).to(device).requires_grad_()
+        t_nodes = torch.randn(n * batch, dim, generator=gen).to(device)
+        offsets = dsig_ext.offsets_from_counts([n] * batch)
+
+        def edge_loss():
+            dsig_ext.edge_mse_loss(s_nodes, t_nodes, offsets).backward()
+        work[f"edge loss fwd+bwd, {batch} graphs of {n} nodes"] = edge_loss
+    return work
+
+
+def floor_costs(config, device, size, batch, steps):
+    """(b) the student step plus the teacher's backbone forward, (d) the DSIG step and the
+    pieces of floor_work, all interleaved round by round: the floor (b + pieces) / (b) is what
+    an implementation doing nothing else would reach; (d) / (b) is what this one reaches."""
+    cfg, model, full = prepare_variant(config, "dsig-fused", device, size, batch)
+    _, _, base = prepare_variant(config, "student+teacher", device, size, batch)
+    logged = full()  # warm-up; this batch's RoI counts and graph sizes
+    base()
+    calls = {"(b) student + teacher backbone": base, "(d) DSIG step": full,
+             **floor_work(cfg, model, logged, device, size, batch)}
+    for f in calls.values():
+        f()  # warm-up
+    times = {name: [] for name in calls}
+    for _ in range(steps):
+        for name, f in calls.items():
+            times[name] += step_times(f, device, 1)
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+    b, dsig = seconds.pop("(b) student + teacher backbone"), seconds.pop("(d) DSIG step")
+    return {"b_seconds": b, "d_seconds": dsig, "pieces": seconds,
+            "floor_ratio": (b + sum(seconds.values())) / b, "measured_ratio": dsig / b}
+
+
 def graph_sentence(row):
     g = row.get("graph") or {}
     if "dsig/graph_nodes" not in g:
@@ -121,6 +195,14 @@ def markdown(result):
             lines.append(f"| {name} | {m['seconds_per_step']:.3f} | "
                          f"{'' if name == 'full' else f'{cost:.0f}'} | "
                          f"{'' if name == 'full' else f'{100 * cost / (full * 1e3):.1f}'} |")
+        floor = row.get("floor")
+        if floor:
+            lines += ["", "| work beyond (b), timed alone | ms |", "|---|---:|"]
+            lines += [f"| {name} | {1e3 * sec:.0f} |" for name, sec in floor["pieces"].items()]
+            lines += ["", f"(b) student + teacher backbone {1e3 * floor['b_seconds']:.0f} ms, "
+                      f"(d) DSIG {1e3 * floor['d_seconds']:.0f} ms: measured (d)/(b) "
+                      f"**{floor['measured_ratio']:.2f}**; floor (b + the work above)/(b) "
+                      f"**{floor['floor_ratio']:.2f}** (rounds interleaved, medians)."]
         lines.append("")
     return "\n".join(lines)
 
@@ -141,7 +223,8 @@ def main(argv=None):
     for config in a.configs:
         print(f"[profile] {config}", flush=True)
         cfg, _, step = prepare_variant(config, "dsig-fused", a.device, size, a.batch)
-        graph = step()  # warm-up; the graph sizes of this batch
+        graph = {k: v for k, v in step().items()  # warm-up; the graph sizes of this batch
+                 if k.startswith("dsig/")}
         step_seconds = statistics.median(step_times(step, a.device, a.steps))
         regions, backward = profile_regions(step, a.device, a.steps)
         d = cfg.DISTILL
@@ -153,8 +236,10 @@ def main(argv=None):
         applicable = [k for k, v in on.items()
                       if v and not (k.startswith("bg") and "RetinaNet" in config)]
         marginal = marginal_costs(config, a.device, size, a.batch, a.steps, applicable)
+        floor = floor_costs(config, a.device, size, a.batch, max(a.steps, 5))
         rows.append({"config": config, "step_seconds": step_seconds, "regions": regions,
-                     "backward": backward, "marginal": marginal, "graph": graph})
+                     "backward": backward, "marginal": marginal, "graph": graph,
+                     "floor": floor})
     result = {"device": a.device, "machine": machine_name(a.device), "torch": torch.__version__,
               "size": size, "batch": a.batch, "steps": a.steps, "rows": rows}
     write_results(a.out, f"profile_train_step_{a.device}", result, markdown(result))
