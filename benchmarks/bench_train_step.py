@@ -14,7 +14,8 @@ CPU the input is reduced (--size, default 320x480) and the batch is 2 images; on
 800x1333. Random weights with FrozenBN statistics calibrated on the batch (so activations stay
 finite); random images with a few boxes.
 
-Writes bench_train_step_<device>.{json,md,png} to --out.
+Writes bench_train_step_<device>.{json,md,png} to --out (_<H>x<W> added for a --size other
+than the device's default).
 """
 import argparse
 import json
@@ -256,7 +257,8 @@ def main():
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--one", metavar="CONFIG", help=argparse.SUPPRESS)
     a = p.parse_args()
-    size = a.size or ([800, 1333] if a.device == "cuda" else [320, 480])
+    default_size = [800, 1333] if a.device == "cuda" else [320, 480]
+    size = a.size or default_size
     iters = a.iters or (20 if a.device == "cuda" else 5)
     variants = VARIANTS + ([AMP_VARIANT] if (a.device == "cuda" if a.amp is None else a.amp)
                            else [])
@@ -280,7 +282,10 @@ def main():
                      "speedup": s["dsig-reference"] / s["dsig-fused"]})
     result = {"device": a.device, "machine": machine_name(a.device), "torch": torch.__version__,
               "size": size, "batch": a.batch, "iters": iters, "rows": rows}
-    base = write_results(a.out, f"bench_train_step_{a.device}", result, markdown(result))
+    # another input size gets its own files, beside the default-size results
+    name = f"bench_train_step_{a.device}" + ("" if size == default_size
+                                             else f"_{size[0]}x{size[1]}")
+    base = write_results(a.out, name, result, markdown(result))
     plot(result, base + ".png")
 
 
