@@ -176,6 +176,7 @@ def markdown(result):
     lines = [f"# DSIG training-step profile ({result['device']})", "",
              f"- machine: {result['machine']}", f"- torch {result['torch']}, input "
              f"{result['size'][0]}x{result['size'][1]}, {result['batch']} images/step, "
+             f"{result.get('threads', '?')} torch thread(s), "
              f"{result['steps']} profiled steps (random weights, lr 0)", ""]
     for row in result["rows"]:
         total = row["step_seconds"] * 1e3
@@ -214,8 +215,12 @@ def main(argv=None):
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"))
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice); stamped in the results")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.steps < 1 or a.batch < 1:
         p.error("--steps and --batch must be at least 1")
     size = a.size or ([800, 1333] if a.device == "cuda" else [320, 480])
@@ -241,7 +246,8 @@ def main(argv=None):
                      "backward": backward, "marginal": marginal, "graph": graph,
                      "floor": floor})
     result = {"device": a.device, "machine": machine_name(a.device), "torch": torch.__version__,
-              "size": size, "batch": a.batch, "steps": a.steps, "rows": rows}
+              "size": size, "batch": a.batch, "steps": a.steps,
+              "threads": torch.get_num_threads(), "rows": rows}
     write_results(a.out, f"profile_train_step_{a.device}", result, markdown(result))
 
 
