@@ -185,9 +185,11 @@ def markdown(result):
                   "| forward region | ms/step | % of step |", "|---|---:|---:|"]
         for name, ms in sorted(row["regions"].items(), key=lambda kv: -kv[1]):
             lines.append(f"| {name} | {ms:.1f} | {100 * ms / total:.1f} |")
-        lines += ["", "| backward function (top 12) | ms/step | % of step |", "|---|---:|---:|"]
-        for name, ms in row["backward"].items():
-            lines.append(f"| {name} | {ms:.1f} | {100 * ms / total:.1f} |")
+        if row["backward"]:  # empty when the profiler recorded no autograd-engine events
+            lines += ["", "| backward function (top 12) | ms/step | % of step |",
+                      "|---|---:|---:|"]
+            for name, ms in row["backward"].items():
+                lines.append(f"| {name} | {ms:.1f} | {100 * ms / total:.1f} |")
         lines += ["", "| DSIG term switched off | s/step | marginal cost of the term, ms "
                   "| % of the full step |", "|---|---:|---:|---:|"]
         full = row["marginal"]["full"]["seconds_per_step"]
