@@ -139,14 +139,12 @@ def floor_work(cfg, model, logged, device, size, batch):
     return work
 
 
-def floor_costs(config, device, size, batch, steps):
-    """(b) the student step plus the teacher's backbone forward, (d) the DSIG step and the
-    pieces of floor_work, all interleaved round by round: the floor (b + pieces) / (b) is what
-    an implementation doing nothing else would reach; (d) / (b) is what this one reaches."""
-    cfg, model, full = prepare_variant(config, "dsig-fused", device, size, batch)
+def floor_costs(config, cfg, model, full, logged, device, size, batch, steps):
+    """(b) the student step plus the teacher's backbone forward, (d) the DSIG step `full` of
+    `model` (whose warm-up logged this batch's RoI counts and graph sizes) and the pieces of
+    floor_work, all interleaved round by round: the floor (b + pieces) / (b) is what an
+    implementation doing nothing else would reach; (d) / (b) is what this one reaches."""
     _, _, base = prepare_variant(config, "student+teacher", device, size, batch)
-    logged = full()  # warm-up; this batch's RoI counts and graph sizes
-    base()
     calls = {"(b) student + teacher backbone": base, "(d) DSIG step": full,
              **floor_work(cfg, model, logged, device, size, batch)}
     for f in calls.values():
@@ -185,11 +183,9 @@ def markdown(result):
                   "| forward region | ms/step | % of step |", "|---|---:|---:|"]
         for name, ms in sorted(row["regions"].items(), key=lambda kv: -kv[1]):
             lines.append(f"| {name} | {ms:.1f} | {100 * ms / total:.1f} |")
-        if row["backward"]:  # empty when the profiler recorded no autograd-engine events
-            lines += ["", "| backward function (top 12) | ms/step | % of step |",
-                      "|---|---:|---:|"]
-            for name, ms in row["backward"].items():
-                lines.append(f"| {name} | {ms:.1f} | {100 * ms / total:.1f} |")
+        lines += ["", "| backward function (top 12) | ms/step | % of step |", "|---|---:|---:|"]
+        for name, ms in row["backward"].items():
+            lines.append(f"| {name} | {ms:.1f} | {100 * ms / total:.1f} |")
         lines += ["", "| DSIG term switched off | s/step | marginal cost of the term, ms "
                   "| % of the full step |", "|---|---:|---:|---:|"]
         full = row["marginal"]["full"]["seconds_per_step"]
@@ -221,17 +217,17 @@ def main(argv=None):
                    help="torch threads (default: torch's choice); stamped in the results")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     a = p.parse_args(argv)
+    if a.steps < 1 or a.batch < 1 or (a.threads is not None and a.threads < 1):
+        p.error("--steps, --batch and --threads must be at least 1")
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a.steps < 1 or a.batch < 1:
-        p.error("--steps and --batch must be at least 1")
     size = a.size or ([800, 1333] if a.device == "cuda" else [320, 480])
     rows = []
     for config in a.configs:
         print(f"[profile] {config}", flush=True)
-        cfg, _, step = prepare_variant(config, "dsig-fused", a.device, size, a.batch)
-        graph = {k: v for k, v in step().items()  # warm-up; the graph sizes of this batch
-                 if k.startswith("dsig/")}
+        cfg, model, step = prepare_variant(config, "dsig-fused", a.device, size, a.batch)
+        logged = step()  # warm-up; this batch's RoI counts and graph sizes
+        graph = {k: v for k, v in logged.items() if k.startswith("dsig/")}
         step_seconds = statistics.median(step_times(step, a.device, a.steps))
         regions, backward = profile_regions(step, a.device, a.steps)
         d = cfg.DISTILL
@@ -243,7 +239,8 @@ def main(argv=None):
         applicable = [k for k, v in on.items()
                       if v and not (k.startswith("bg") and "RetinaNet" in config)]
         marginal = marginal_costs(config, a.device, size, a.batch, a.steps, applicable)
-        floor = floor_costs(config, a.device, size, a.batch, max(a.steps, 5))
+        floor = floor_costs(config, cfg, model, step, logged, a.device, size, a.batch,
+                            max(a.steps, 5))
         rows.append({"config": config, "step_seconds": step_seconds, "regions": regions,
                      "backward": backward, "marginal": marginal, "graph": graph,
                      "floor": floor})
