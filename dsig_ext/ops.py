@@ -123,14 +123,15 @@ def multilevel_roi_align(features: Sequence[torch.Tensor],
         aligned: half-pixel offset (detectron2 "ROIAlignV2"); False = legacy "ROIAlign".
         deterministic: bitwise reproducible backward; default
             ``torch.are_deterministic_algorithms_enabled()``. On CUDA it replaces the atomic
-            scatter by an owner-computes gather; on the CPU (reproducible either way) it
-            follows torchvision's summation order, bitwise equal to detectron2's ROIPooler.
+            scatter by an owner-computes gather; on the CPU (reproducible either way) the
+            forward and backward follow torchvision's summation order, bitwise equal to
+            detectron2's ROIPooler (the default CPU path sums separably: equal up to rounding).
         check_inputs: verify finite boxes and index ranges (one host sync on a GPU; skipped
             while a CUDA graph is captured or torch.compile traces). With ``False`` the op never
             syncs and is CUDA-graph capturable; unchecked bad values never read out of bounds
             (such RoIs pool to zeros).
     Returns:
-        [K, C, oh, ow], identical to ``torchvision.ops.roi_align`` of each RoI on its level.
+        [K, C, oh, ow]: ``torchvision.ops.roi_align`` of each RoI on its level.
     """
     if isinstance(rois, (list, tuple)):
         rois = convert_boxes_to_rois(rois)

@@ -1,14 +1,17 @@
-// CPU kernels of multi-level RoIAlign.
-// Per RoI a table of its valid samples (four tap offsets and weights) is built once from the
-// shared per-axis taps and reused for every channel, as torchvision's CPU kernel does.
-// Forward: parallel over RoIs. Backward: parallel over channels, each thread owning its channels
-// of every level and visiting the RoIs in order, so on the CPU both modes are deterministic for
-// any thread count:
+// CPU kernels of multi-level RoIAlign. The bilinear weights are separable: a RoI's bins are
+// Wy V Wx^T / count over its footprint V, with Wy [ph][fh] and Wx [pw][fw] (footprint_of).
+// Forward: parallel over RoIs.
+//   default        separable: rows of V weighted per output row, then per column, each product
+//                  over the pixels its bin touches (~1.8x faster than per-sample taps here);
+//   deterministic  torchvision's order: a table of each RoI's valid samples (four tap offsets
+//                  and weights) built once and reused for every channel, as torchvision does.
+// Backward: parallel over channels, each thread owning its channels of every level and visiting
+// the RoIs in order, so on the CPU both modes are deterministic for any thread count:
 //   default        each RoI's footprint gradient Wy^T (G/count) Wx, formed row by row (gather):
 //                  the algorithm of the CUDA deterministic kernel, and 2-3x faster here;
 //   deterministic  additionally torchvision's summation order: each sample's four taps scattered
-//                  as torchvision does, so float32 and float64 gradients are bitwise equal to
-//                  detectron2's per-level ROIPooler backward.
+//                  as torchvision does, so float32 and float64 outputs and gradients are bitwise
+//                  equal to detectron2's per-level ROIPooler.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -190,12 +193,15 @@ void backward_scatter_impl(const at::Tensor& grad, const at::Tensor& rois,
   });
 }
 
-// Dense separable footprint weights of one RoI: Wy [ph][fh], Wx [pw][fw].
+// Dense separable footprint weights of one RoI: Wy [ph][fh], Wx [pw][fw], and the pixels each
+// bin's samples touch, [ylo[p], yhi[p]] and [xlo[q], xhi[q]] in footprint coordinates (empty,
+// lo > hi, for a bin without valid samples).
 template <typename acc_t>
 struct Footprint {
   int y0 = 0, x0 = 0, fh = 0, fw = 0;
-  acc_t inv_count = acc_t(0);
+  acc_t count = acc_t(1), inv_count = acc_t(0);
   std::vector<acc_t> wy, wx;
+  std::vector<int> ylo, yhi, xlo, xhi;
 };
 
 template <typename acc_t>
@@ -210,18 +216,93 @@ Footprint<acc_t> footprint_of(const RoiGeometry<acc_t>& g, int H, int W, int64_t
   fp.x0 = x_first;
   fp.fh = y_last - y_first + 1;
   fp.fw = x_last - x_first + 1;
+  fp.count = g.count;
   fp.inv_count = acc_t(1) / g.count;
   fp.wy.resize(ph * fp.fh);
   fp.wx.resize(pw * fp.fw);
-  for (int p = 0; p < ph; ++p)
+  fp.ylo.resize(ph);
+  fp.yhi.resize(ph);
+  fp.xlo.resize(pw);
+  fp.xhi.resize(pw);
+  for (int p = 0; p < ph; ++p) {
     for (int y = 0; y < fp.fh; ++y)
       fp.wy[p * fp.fh + y] =
           detail::axis_pixel_weight(g.start_h, g.bin_h, p, g.grid_h, H, fp.y0 + y);
-  for (int p = 0; p < pw; ++p)
+    int first = H, last = -1;
+    detail::extend_by_bin(g.start_h, g.bin_h, p, g.grid_h, H, &first, &last);
+    fp.ylo[p] = first - fp.y0;
+    fp.yhi[p] = last - fp.y0;
+  }
+  for (int q = 0; q < pw; ++q) {
     for (int x = 0; x < fp.fw; ++x)
-      fp.wx[p * fp.fw + x] =
-          detail::axis_pixel_weight(g.start_w, g.bin_w, p, g.grid_w, W, fp.x0 + x);
+      fp.wx[q * fp.fw + x] =
+          detail::axis_pixel_weight(g.start_w, g.bin_w, q, g.grid_w, W, fp.x0 + x);
+    int first = W, last = -1;
+    detail::extend_by_bin(g.start_w, g.bin_w, q, g.grid_w, W, &first, &last);
+    fp.xlo[q] = first - fp.x0;
+    fp.xhi[q] = last - fp.x0;
+  }
   return fp;
+}
+
+// Default forward, separable: per channel U = Wy V (rows of the footprint weighted, contiguous
+// and vectorisable) then out = U Wx^T / count, each product over the pixels its bin touches.
+// About half the multiply-adds of four taps per sample for grids of 2 and more; sums in
+// another order than torchvision's, so equal to it up to rounding (deterministic: exact order).
+template <typename scalar_t, typename acc_t>
+void forward_separable_impl(const std::vector<at::Tensor>& feats, const at::Tensor& rois,
+                            const at::Tensor& levels, const std::vector<double>& scales,
+                            int64_t ph, int64_t pw, int64_t sampling_ratio, bool aligned,
+                            at::Tensor& out) {
+  const int64_t K = rois.size(0);
+  const int64_t C = out.size(1);
+  const acc_t* roi_data = rois.data_ptr<acc_t>();
+  const int64_t* lvl = levels.data_ptr<int64_t>();
+  scalar_t* out_data = out.data_ptr<scalar_t>();
+  at::parallel_for(0, K, grain_for(C * ph * pw * kTapsPerBin), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> u;
+    for (int64_t k = begin; k < end; ++k) {
+      const at::Tensor& f = feats[lvl[k]];
+      const int H = static_cast<int>(f.size(2)), W = static_cast<int>(f.size(3));
+      const RoiGeometry<acc_t> g =
+          geometry_of(roi_data + 5 * k, scales, lvl[k], ph, pw, sampling_ratio, aligned);
+      const Footprint<acc_t> fp = footprint_of(g, H, W, ph, pw);
+      scalar_t* o = out_data + k * C * ph * pw;
+      if (fp.fh == 0) {  // no valid sample: zeros, as the per-sample sum gives
+        std::fill(o, o + C * ph * pw, scalar_t(0));
+        continue;
+      }
+      const int64_t b = static_cast<int64_t>(roi_data[5 * k]);
+      const int64_t sh = f.stride(2), sw = f.stride(3);
+      const scalar_t* corner = f.data_ptr<scalar_t>() + b * f.stride(0) + fp.y0 * sh + fp.x0 * sw;
+      u.resize(ph * fp.fw);
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* v = corner + c * f.stride(1);
+        std::fill(u.begin(), u.end(), acc_t(0));
+        for (int64_t p = 0; p < ph; ++p) {
+          acc_t* u_row = u.data() + p * fp.fw;
+          for (int y = fp.ylo[p]; y <= fp.yhi[p]; ++y) {
+            const acc_t wy = fp.wy[p * fp.fh + y];
+            const scalar_t* row = v + y * sh;
+            if (sw == 1) {
+              for (int x = 0; x < fp.fw; ++x) u_row[x] += wy * static_cast<acc_t>(row[x]);
+            } else {
+              for (int x = 0; x < fp.fw; ++x) u_row[x] += wy * static_cast<acc_t>(row[x * sw]);
+            }
+          }
+        }
+        for (int64_t p = 0; p < ph; ++p) {
+          const acc_t* u_row = u.data() + p * fp.fw;
+          for (int64_t q = 0; q < pw; ++q) {
+            const acc_t* wx_row = fp.wx.data() + q * fp.fw;
+            acc_t sum = acc_t(0);
+            for (int x = fp.xlo[q]; x <= fp.xhi[q]; ++x) sum += u_row[x] * wx_row[x];
+            o[(c * ph + p) * pw + q] = static_cast<scalar_t>(sum / fp.count);
+          }
+        }
+      }
+    }
+  });
 }
 
 template <typename scalar_t, typename acc_t>
@@ -266,13 +347,13 @@ void backward_gather_impl(const at::Tensor& grad, const at::Tensor& rois,
                 static_cast<acc_t>(gdata[k * g0 + c * g1 + p * g2 + q * g3]) * fp.inv_count;
             if (gv == acc_t(0)) continue;
             const acc_t* wx_row = fp.wx.data() + q * fp.fw;
-            for (int x = 0; x < fp.fw; ++x) t1_row[x] += gv * wx_row[x];
+            for (int x = fp.xlo[q]; x <= fp.xhi[q]; ++x) t1_row[x] += gv * wx_row[x];
           }
         }
         // plane[y0 + y][x0 + x] += sum_p Wy[p][y] t1[p][x]
         for (int64_t p = 0; p < ph; ++p) {
           const acc_t* t1_row = t1.data() + p * fp.fw;
-          for (int y = 0; y < fp.fh; ++y) {
+          for (int y = fp.ylo[p]; y <= fp.yhi[p]; ++y) {
             const acc_t wy = fp.wy[p * fp.fh + y];
             if (wy == acc_t(0)) continue;
             acc_t* row = plane + (fp.y0 + y) * W + fp.x0;
@@ -289,7 +370,7 @@ at::Tensor multilevel_roi_align_forward_cpu(at::TensorList features, const at::T
                                             at::ArrayRef<double> spatial_scales,
                                             int64_t pooled_height, int64_t pooled_width,
                                             int64_t sampling_ratio, bool aligned,
-                                            bool /*deterministic*/) {
+                                            bool deterministic) {
   check_multilevel_roi_align_args(features, rois, levels, spatial_scales, pooled_height,
                                   pooled_width);
   const at::Tensor& f0 = features[0];
@@ -304,8 +385,12 @@ at::Tensor multilevel_roi_align_forward_cpu(at::TensorList features, const at::T
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(),
                                   "multilevel_roi_align_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    forward_impl<scalar_t, acc_t>(feats, rois_acc, levels64, scales, pooled_height,
-                                  pooled_width, sampling_ratio, aligned, out);
+    if (deterministic)
+      forward_impl<scalar_t, acc_t>(feats, rois_acc, levels64, scales, pooled_height,
+                                    pooled_width, sampling_ratio, aligned, out);
+    else
+      forward_separable_impl<scalar_t, acc_t>(feats, rois_acc, levels64, scales, pooled_height,
+                                              pooled_width, sampling_ratio, aligned, out);
   });
   return out;
 }
