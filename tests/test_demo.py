@@ -44,6 +44,18 @@ def test_report_over_seeds(tmp_path):
     assert "seeds 3, 4" in text and "9.00 / 8.00" in text and "**0.50** (0.75, 0.33)" in text
     # dsig 8.5 vs baseline 6.0, spread 1.0: a difference beyond the seed spread
     assert "- dsig: 8.50 vs baseline 6.00 (difference +2.50, seed spread 1.00): above" in text
+    assert "DSIG against the other distilled students" not in text  # dsig alone
+    methods = _fake_results({0: {"teacher": 10.0, "baseline": 6.0, "dsig": 9.0,
+                                 "feature-mse": 8.0, "logit-kd": 6.5},
+                             1: {"teacher": 12.0, "baseline": 6.0, "dsig": 8.0,
+                                 "feature-mse": 9.5, "logit-kd": 7.0}})
+    demo.write_report(str(tmp_path), "quick", demo.PRESETS["quick"], methods)
+    text = (tmp_path / "report.md").read_text()
+    # spread: the larger of the two runs' (feature-mse 1.5; dsig 1.0, logit-kd 0.5)
+    assert ("- dsig: 8.50 vs feature-mse 8.75 (difference -0.25, seed spread 1.50): within the "
+            "seed spread: not distinguishable from feature-mse.") in text
+    assert ("- dsig: 8.50 vs logit-kd 6.75 (difference +1.75, seed spread 1.00): above "
+            "logit-kd by more than the seed spread.") in text
     close = _fake_results({0: {"teacher": 10.0, "baseline": 6.0, "dsig": 6.5},
                            1: {"teacher": 12.0, "baseline": 7.0, "dsig": 6.0}})
     demo.write_report(str(tmp_path), "quick", demo.PRESETS["quick"], close)

@@ -661,23 +661,42 @@ def summarize(results: Dict[int, Dict[str, Dict]]) -> Dict:
     return summary
 
 
-def versus_baseline(report: Dict, task: str = "bbox") -> List[str]:
-    """One sentence per distilled student: its mean AP against the baseline's, and whether the
+def compare_runs(report: Dict, name: str, reference: str, task: str = "bbox") -> str:
+    """One sentence: the mean AP of run `name` against run `reference`'s, and whether the
     difference exceeds the seed spread (max - min over the seeds of either run)."""
+    ap = report["mean"][name][task]["AP"]
+    ref = report["mean"][reference][task]["AP"]
+    spread = max(report["spread" + _suffix(task)][name],
+                 report["spread" + _suffix(task)][reference])
+    label = "the baseline" if reference == "baseline" else reference
+    if ap != ap or ref != ref:  # NaN: a run without detections to evaluate
+        verdict = "no AP to compare"
+    elif abs(ap - ref) <= spread:
+        verdict = f"within the seed spread: not distinguishable from {label}"
+    else:
+        verdict = f"{'above' if ap > ref else 'below'} {label} by more than the seed spread"
+    return (f"- {name}: {ap:.2f} vs {reference} {ref:.2f} (difference {ap - ref:+.2f}, "
+            f"seed spread {spread:.2f}): {verdict}.")
+
+
+ONE_SEED = "One seed: no spread estimate, so no difference below is claimed as real."
+
+
+def versus_baseline(report: Dict, task: str = "bbox") -> List[str]:
+    """One sentence per distilled student against the baseline (compare_runs)."""
     if len(report["seeds"]) < 2:
-        return ["One seed: no spread estimate, so no difference below is claimed as real."]
-    base = report["mean"]["baseline"][task]["AP"]
-    lines = []
-    for name in report["gap_recovered" + _suffix(task)]:
-        ap = report["mean"][name][task]["AP"]
-        spread = max(report["spread" + _suffix(task)][name],
-                     report["spread" + _suffix(task)]["baseline"])
-        verdict = ("within the seed spread: not distinguishable from the baseline"
-                   if abs(ap - base) <= spread else
-                   f"{'above' if ap > base else 'below'} the baseline by more than the seed spread")
-        lines.append(f"- {name}: {ap:.2f} vs baseline {base:.2f} (difference {ap - base:+.2f}, "
-                     f"seed spread {spread:.2f}): {verdict}.")
-    return lines
+        return [ONE_SEED]
+    return [compare_runs(report, name, "baseline", task)
+            for name in report["gap_recovered" + _suffix(task)]]
+
+
+def dsig_versus_others(report: Dict, task: str = "bbox") -> List[str]:
+    """One sentence per other distilled student (KD baselines, ablations) against it, from
+    DSIG's side; empty when DSIG or the others were not trained, or with one seed."""
+    others = [n for n in report["gap_recovered" + _suffix(task)] if n != "dsig"]
+    if "dsig" not in report["mean"] or not others or len(report["seeds"]) < 2:
+        return []
+    return [compare_runs(report, "dsig", other, task) for other in others]
 
 
 def _machine() -> str:
@@ -750,6 +769,10 @@ def write_report(output: str, preset_name: str, preset: Preset,
             per_seed = ", ".join(fmt(r[key][name]) for r in report["per_seed"].values())
             lines.append(f"- {name}: **{fmt(g)}**" + (f" ({per_seed})" if len(seeds) > 1 else ""))
         lines += ["", f"Against the baseline ({TASKS[t]} AP):", ""] + versus_baseline(report, t)
+        against_others = dsig_versus_others(report, t)
+        if against_others:
+            lines += ["", f"DSIG against the other distilled students ({TASKS[t]} AP):", ""]
+            lines += against_others
         lines += [""]
     lines += graph_lines(results)
     lines += ["![AP](ap.png)", "", "![training loss](loss.png)", ""]
