@@ -62,12 +62,15 @@ def main():
     from distillation import demo
     from distillation.training import load_config, register_datasets
 
-    job = next(j for j in demo.plan_seed(a.demo, a.preset, a.seed) if j.name == "dsig")
-    final = os.path.join(job.output_dir, "model_final.pth")
-    teacher = job.opts[job.opts.index("DISTILL.TEACHER.WEIGHTS") + 1]
-    for path in (teacher, final):
+    if a.preset not in demo.PRESETS:
+        p.error(f"--preset: choose from {sorted(demo.PRESETS)}")
+    tag = demo.run_tag(a.preset)
+    for name in ("teacher", "dsig"):  # checked first: planning would generate missing data
+        path = os.path.join(a.demo, f"{name}-{tag}-seed{a.seed}", "model_final.pth")
         if not os.path.isfile(path):
             raise SystemExit(f"{path} not found: run the demo with --output {a.demo} first")
+    job = next(j for j in demo.plan_seed(a.demo, a.preset, a.seed) if j.name == "dsig")
+    final = os.path.join(job.output_dir, "model_final.pth")
     register_datasets(job.datasets)
     cfg = load_config(job.config, list(job.opts) + ["DATALOADER.NUM_WORKERS", "0"])
     cfg.freeze()
