@@ -62,6 +62,8 @@ def main():
     from distillation import demo
     from distillation.training import load_config, register_datasets
 
+    if a.iters < 1:
+        p.error("--iters must be at least 1")
     if a.preset not in demo.PRESETS:
         p.error(f"--preset: choose from {sorted(demo.PRESETS)}")
     tag = demo.run_tag(a.preset)
