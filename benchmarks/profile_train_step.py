@@ -20,8 +20,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train_step import ROOT, prepare_variant  # noqa: E402
+from bench_train_step import PROJECT, ROOT, prepare_variant  # noqa: E402
 from common import machine_name, write_results  # noqa: E402
+
+sys.path.insert(0, PROJECT)  # the distillation package
 
 DEFAULT_CONFIGS = ["Distillation-FasterRCNN-R18-R50-dsig-1x.yaml",
                    "Distillation-RetinaNet-R18-R50-dsig-1x.yaml"]
@@ -163,11 +165,10 @@ def graph_sentence(row):
     g = row.get("graph") or {}
     if "dsig/graph_nodes" not in g:
         return ""
-    text = f"Graphs: {g['dsig/graph_nodes']:.0f} nodes per image"
-    if "dsig/mined_bg_fraction" in g:
-        text += (f", {100 * g['dsig/mined_bg_fraction']:.0f} % of the sampled bg RoIs mined "
-                 "into the edges")
-    return text + "."
+    from distillation.meta_arch import describe_graph_sizes
+
+    sizes = describe_graph_sizes(g["dsig/graph_nodes"], g.get("dsig/mined_bg_fraction"))
+    return f"Graphs: {sizes}."
 
 
 def markdown(result):

@@ -35,6 +35,21 @@ def test_summary_over_seeds():
     assert summary["per_seed"]["1"]["gap_recovered"]["dsig"] == pytest.approx(1 / 3)
 
 
+def test_graph_lines_average_the_logged_sizes():
+    results = _fake_results({0: {"teacher": 10.0, "baseline": 6.0, "dsig": 9.0},
+                             1: {"teacher": 12.0, "baseline": 6.0, "dsig": 8.0}})
+    results[0]["dsig"]["graph"] = {"graph_nodes": 30.0, "mined_bg_fraction": 0.05}
+    results[1]["dsig"]["graph"] = {"graph_nodes": 40.0, "mined_bg_fraction": 0.15}
+    lines = demo.graph_lines(results)
+    assert lines[2:] == ["- dsig: 35 nodes per image, 10 % of the sampled bg RoIs mined into "
+                         "the edges", ""]
+    results[1]["dsig"].pop("graph")
+    del results[0]["dsig"]["graph"]["mined_bg_fraction"]  # a one-stage graph: no mining
+    assert demo.graph_lines(results)[2] == "- dsig: 30 nodes per image"
+    del results[0]["dsig"]["graph"]
+    assert demo.graph_lines(results) == []
+
+
 def test_report_over_seeds(tmp_path):
     results = _fake_results({3: {"teacher": 10.0, "baseline": 6.0, "dsig": 9.0},
                              4: {"teacher": 12.0, "baseline": 6.0, "dsig": 8.0}})

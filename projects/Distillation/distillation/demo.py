@@ -789,17 +789,17 @@ def write_report(output: str, preset_name: str, preset: Preset,
 def graph_lines(results: Dict[int, Dict[str, Dict]]) -> List[str]:
     """How large the instance graphs were during training, per distilled student (mean over
     iterations and seeds); nothing for runs that logged none (no edge loss, older runs)."""
+    from .meta_arch import describe_graph_sizes
+
     names = list(next(iter(results.values())))
     lines = []
     for name in names:
         graphs = [r[name]["graph"] for r in results.values() if r[name].get("graph")]
         if not graphs:
             continue
-        text = f"- {name}: {_mean([g['graph_nodes'] for g in graphs]):.0f} nodes per image"
         mined = [g["mined_bg_fraction"] for g in graphs if "mined_bg_fraction" in g]
-        if mined:
-            text += f", {100 * _mean(mined):.0f} % of the sampled bg RoIs mined into the edges"
-        lines.append(text)
+        lines.append(f"- {name}: " + describe_graph_sizes(
+            _mean([g["graph_nodes"] for g in graphs]), _mean(mined) if mined else None))
     return (["Instance graphs during training (mean over iterations and seeds):", ""] + lines
             + [""]) if lines else []
 

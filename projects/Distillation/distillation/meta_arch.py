@@ -31,6 +31,14 @@ def log_graph_sizes(node_counts, n_fg=None, n_bg=None):
         storage.put_scalar("dsig/mined_bg_fraction", mined / max(1, sum(n_bg)))
 
 
+def describe_graph_sizes(nodes: float, mined_bg_fraction=None) -> str:
+    """The logged graph metrics in words, as reports and benchmarks print them."""
+    text = f"{nodes:.0f} nodes per image"
+    if mined_bg_fraction is not None:
+        text += f", {100 * mined_bg_fraction:.0f} % of the sampled bg RoIs mined into the edges"
+    return text
+
+
 def fused_pooler_like(pooler: nn.Module, backend: str) -> nn.Module:
     """dsig_ext.MultiLevelRoIAlign with the same geometry as a detectron2 ROIPooler."""
     if isinstance(pooler, dsig_ext.MultiLevelRoIAlign) or not isinstance(pooler, ROIPooler):
