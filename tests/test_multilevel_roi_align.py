@@ -84,6 +84,27 @@ def test_matches_torchvision_on_any_level(device, dtype, aligned, sampling_ratio
         torch.testing.assert_close(a, b, **TOL[dtype])
 
 
+@pytest.mark.parametrize("sampling_ratio", [0, 1, 2])
+def test_cpu_forward_dense_and_sparse_samples(sampling_ratio):
+    """The CPU forward pools each RoI separably or sample by sample, whichever is cheaper: big
+    RoIs on a fine level with a small fixed grid go sample by sample, adaptive grids separably.
+    Both equal torchvision; deterministic mode is torchvision's order, bitwise."""
+    g = torch.Generator().manual_seed(7)
+    feats = [torch.randn(2, 3, 60, 80, dtype=torch.float64, generator=g)]
+    rois = torch.tensor([[0, 2.0, 3.0, 300.0, 230.0], [1, 40.0, 10.0, 250.0, 200.0],
+                         [0, 10.0, 12.0, 30.0, 25.0], [1, -20.0, 100.0, 60.0, 260.0]],
+                        dtype=torch.float64)
+    levels = torch.zeros(4, dtype=torch.long)
+    expected = per_level_torchvision(feats, rois, levels, [1 / 4], (7, 7), sampling_ratio, True)
+    got = dsig_ext.multilevel_roi_align(feats, rois, levels, [1 / 4], 7, sampling_ratio)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    exact = dsig_ext.multilevel_roi_align(feats, rois, levels, [1 / 4], 7, sampling_ratio,
+                                          deterministic=True)
+    assert torch.equal(exact, expected)
+    if sampling_ratio == 1:  # one sample per bin over a ~60 px footprint: sample by sample
+        assert torch.equal(got[:2], expected[:2])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_float32_close_to_float64(device):
     g = torch.Generator().manual_seed(2)

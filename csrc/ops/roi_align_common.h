@@ -167,25 +167,20 @@ DSIG_HD acc_t axis_pixel_weight(acc_t start, acc_t bin, int p, int grid, int siz
   return w;
 }
 
-// Widens [first, last] to the pixels that the samples of bin p touch along one axis.
-template <typename acc_t>
-DSIG_HD void extend_by_bin(acc_t start, acc_t bin, int p, int grid, int size, int* first,
-                           int* last) {
-  for (int i = 0; i < grid; ++i) {
-    const AxisTap<acc_t> t = axis_tap(sample_coord(start, bin, p, i, grid), size);
-    if (!t.valid) continue;
-    if (t.lo < *first) *first = t.lo;
-    if (t.hi > *last) *last = t.hi;
-  }
-}
-
 // Pixel range [first, last] touched along one axis by all samples of a RoI; first > last if none.
 template <typename acc_t>
 DSIG_HD void axis_extent(acc_t start, acc_t bin, int pooled, int grid, int size, int* first,
                          int* last) {
   *first = size;
   *last = -1;
-  for (int p = 0; p < pooled; ++p) extend_by_bin(start, bin, p, grid, size, first, last);
+  for (int p = 0; p < pooled; ++p) {
+    for (int i = 0; i < grid; ++i) {
+      const AxisTap<acc_t> t = axis_tap(sample_coord(start, bin, p, i, grid), size);
+      if (!t.valid) continue;
+      if (t.lo < *first) *first = t.lo;
+      if (t.hi > *last) *last = t.hi;
+    }
+  }
 }
 
 }  // namespace detail
