@@ -125,7 +125,8 @@ def multilevel_roi_align(features: Sequence[torch.Tensor],
             ``torch.are_deterministic_algorithms_enabled()``. On CUDA it replaces the atomic
             scatter by an owner-computes gather; on the CPU (reproducible either way) the
             forward and backward follow torchvision's summation order, bitwise equal to
-            detectron2's ROIPooler (the default CPU path sums separably: equal up to rounding).
+            detectron2's ROIPooler (by default the CPU forward sums separably where cheaper:
+            equal up to rounding).
         check_inputs: verify finite boxes and index ranges (one host sync on a GPU; skipped
             while a CUDA graph is captured or torch.compile traces). With ``False`` the op never
             syncs and is CUDA-graph capturable; unchecked bad values never read out of bounds

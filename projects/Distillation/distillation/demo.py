@@ -691,8 +691,8 @@ def versus_baseline(report: Dict, task: str = "bbox") -> List[str]:
 
 
 def dsig_versus_others(report: Dict, task: str = "bbox") -> List[str]:
-    """One sentence per other distilled student (KD baselines, ablations) against it, from
-    DSIG's side; empty when DSIG or the others were not trained, or with one seed."""
+    """DSIG against each other distilled student (KD baselines, ablations), a compare_runs
+    sentence each; empty when DSIG or the others were not trained, or with one seed."""
     others = [n for n in report["gap_recovered" + _suffix(task)] if n != "dsig"]
     if "dsig" not in report["mean"] or not others or len(report["seeds"]) < 2:
         return []
