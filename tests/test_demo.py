@@ -71,6 +71,14 @@ def test_report_over_seeds(tmp_path):
             "seed spread: not distinguishable from feature-mse.") in text
     assert ("- dsig: 8.50 vs logit-kd 6.75 (difference +1.75, seed spread 1.00): above "
             "logit-kd by more than the seed spread.") in text
+    assert "thr)" not in text  # one thread count: no marks
+    methods[0]["teacher"]["threads"] = methods[1]["teacher"]["threads"] = 1
+    methods[1]["dsig"]["threads"] = 1
+    demo.write_report(str(tmp_path), "quick", demo.PRESETS["quick"], methods)
+    text = (tmp_path / "report.md").read_text()
+    assert "training ran with 1/2 torch thread(s) per run; s/iter marks each run's" in text
+    assert "| 0.500 (1 thr) |" in text and "| 0.500 (1/2 thr) |" in text
+    assert "| 0.500 (2 thr) |" in text
     close = _fake_results({0: {"teacher": 10.0, "baseline": 6.0, "dsig": 6.5},
                            1: {"teacher": 12.0, "baseline": 7.0, "dsig": 6.0}})
     demo.write_report(str(tmp_path), "quick", demo.PRESETS["quick"], close)

@@ -715,6 +715,12 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
+def _run_threads(report: Dict, name: str) -> List[int]:
+    """The torch thread counts run `name` trained with, over the seeds."""
+    return sorted({r["results"][name]["threads"] for r in report["per_seed"].values()
+                   if r["results"][name].get("threads")})
+
+
 def write_report(output: str, preset_name: str, preset: Preset,
                  results: Dict[int, Dict[str, Dict]],
                  user_data: Optional[UserData] = None, task: str = "bbox") -> Dict:
@@ -735,7 +741,9 @@ def write_report(output: str, preset_name: str, preset: Preset,
              f"seed{'s' if len(seeds) > 1 else ''} {seed_text})", "",
              f"- machine: {report['machine']}, torch {report['torch']}"
              + (f"; training ran with {'/'.join(map(str, threads))} torch thread(s) per run"
-                if threads else ""),
+                if threads else "")
+             + ("; s/iter marks each run's, compare it only between runs with the same"
+                if len(threads) > 1 else ""),
              (f"- data per seed: {preset.train_images} train / {preset.val_images} val generated "
               f"images of {preset.image_size[0]}x{preset.image_size[1]}" if user_data is None
               else f"- data: {user_data.train[0]} ({user_data.train[1]}) / {user_data.val[0]} "
@@ -759,7 +767,10 @@ def write_report(output: str, preset_name: str, preset: Preset,
             row = " | ".join(f"{v[t][k]:.2f}" for k in METRICS)
             per_seed = " / ".join(f"{r['results'][name][t].get('AP', float('nan')):.2f}"
                                   for r in report["per_seed"].values())
-            lines.append(f"| {name} | {row} | {v['seconds_per_iter']:.3f} |"
+            s_iter = f"{v['seconds_per_iter']:.3f}"
+            if len(threads) > 1:  # runs trained with different thread counts
+                s_iter += f" ({'/'.join(map(str, _run_threads(report, name)))} thr)"
+            lines.append(f"| {name} | {row} | {s_iter} |"
                          + (f" {per_seed} |" if len(seeds) > 1 else ""))
         key = "gap_recovered" + _suffix(t)
         lines += ["", f"Fraction of the teacher-baseline {TASKS[t]} AP gap recovered"
