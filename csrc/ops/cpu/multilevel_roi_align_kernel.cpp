@@ -186,22 +186,36 @@ struct Footprint {
   int64_t samples_y = 0, samples_x = 0;  // valid samples along each axis, all bins together
 };
 
-// Appends the pixels (minus `origin`, ascending, each once) that the valid samples of bin p touch
-// along one axis; returns the number of those samples.
+// One axis of a footprint in one pass over the samples: per bin p the dense weights
+// w[p][0, extent) of the pixels from `origin` (added in sample order, so equal to
+// axis_pixel_weight's sums) and the pixels its valid samples touch (ascending, each once,
+// appended to `touched` with the bin boundaries in `touched_start`). Returns the number of
+// valid samples, all bins together.
 template <typename acc_t>
-int64_t touched_pixels(acc_t start, acc_t bin, int p, int grid, int size, int origin,
-                       std::vector<int>& out) {
-  const size_t first = out.size();
+int64_t axis_footprint(acc_t start, acc_t bin, int pooled, int grid, int size, int origin,
+                       int extent, std::vector<acc_t>& w, std::vector<int>& touched,
+                       std::vector<int>& touched_start) {
+  w.assign(static_cast<size_t>(pooled) * extent, acc_t(0));
+  touched.clear();
+  touched_start.assign(1, 0);
   int64_t valid = 0;
-  for (int i = 0; i < grid; ++i) {
-    const AxisTap<acc_t> t = detail::axis_tap(detail::sample_coord(start, bin, p, i, grid), size);
-    if (!t.valid) continue;
-    ++valid;
-    out.push_back(t.lo - origin);
-    out.push_back(t.hi - origin);
+  for (int p = 0; p < pooled; ++p) {
+    acc_t* w_row = w.data() + static_cast<size_t>(p) * extent;
+    const size_t first = touched.size();
+    for (int i = 0; i < grid; ++i) {
+      const AxisTap<acc_t> t =
+          detail::axis_tap(detail::sample_coord(start, bin, p, i, grid), size);
+      if (!t.valid) continue;
+      ++valid;
+      w_row[t.lo - origin] += t.w_lo;
+      w_row[t.hi - origin] += t.w_hi;
+      touched.push_back(t.lo - origin);
+      touched.push_back(t.hi - origin);
+    }
+    std::sort(touched.begin() + first, touched.end());
+    touched.erase(std::unique(touched.begin() + first, touched.end()), touched.end());
+    touched_start.push_back(static_cast<int>(touched.size()));
   }
-  std::sort(out.begin() + first, out.end());
-  out.erase(std::unique(out.begin() + first, out.end()), out.end());
   return valid;
 }
 
@@ -219,24 +233,10 @@ Footprint<acc_t> footprint_of(const RoiGeometry<acc_t>& g, int H, int W, int64_t
   fp.fw = x_last - x_first + 1;
   fp.count = g.count;
   fp.inv_count = acc_t(1) / g.count;
-  fp.wy.resize(ph * fp.fh);
-  fp.wx.resize(pw * fp.fw);
-  fp.row_start.assign(1, 0);
-  fp.col_start.assign(1, 0);
-  for (int p = 0; p < ph; ++p) {
-    for (int y = 0; y < fp.fh; ++y)
-      fp.wy[p * fp.fh + y] =
-          detail::axis_pixel_weight(g.start_h, g.bin_h, p, g.grid_h, H, fp.y0 + y);
-    fp.samples_y += touched_pixels(g.start_h, g.bin_h, p, g.grid_h, H, fp.y0, fp.rows);
-    fp.row_start.push_back(static_cast<int>(fp.rows.size()));
-  }
-  for (int q = 0; q < pw; ++q) {
-    for (int x = 0; x < fp.fw; ++x)
-      fp.wx[q * fp.fw + x] =
-          detail::axis_pixel_weight(g.start_w, g.bin_w, q, g.grid_w, W, fp.x0 + x);
-    fp.samples_x += touched_pixels(g.start_w, g.bin_w, q, g.grid_w, W, fp.x0, fp.cols);
-    fp.col_start.push_back(static_cast<int>(fp.cols.size()));
-  }
+  fp.samples_y = axis_footprint(g.start_h, g.bin_h, static_cast<int>(ph), g.grid_h, H, fp.y0,
+                                fp.fh, fp.wy, fp.rows, fp.row_start);
+  fp.samples_x = axis_footprint(g.start_w, g.bin_w, static_cast<int>(pw), g.grid_w, W, fp.x0,
+                                fp.fw, fp.wx, fp.cols, fp.col_start);
   return fp;
 }
 
