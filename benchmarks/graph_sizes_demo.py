@@ -68,7 +68,7 @@ def main():
         p.error(f"--preset: choose from {sorted(demo.PRESETS)}")
     tag = demo.run_tag(a.preset)
     for name in ("teacher", "dsig"):  # checked first: planning would generate missing data
-        path = os.path.join(a.demo, f"{name}-{tag}-seed{a.seed}", "model_final.pth")
+        path = os.path.join(demo.run_dir(a.demo, name, tag, a.seed), "model_final.pth")
         if not os.path.isfile(path):
             raise SystemExit(f"{path} not found: run the demo with --output {a.demo} first")
     job = next(j for j in demo.plan_seed(a.demo, a.preset, a.seed) if j.name == "dsig")

@@ -422,6 +422,11 @@ def run_tag(preset_name: str, task: str = "bbox") -> str:
     return preset_name if task == "bbox" else f"{preset_name}-{task}"
 
 
+def run_dir(output: str, name: str, tag: str, seed: int) -> str:
+    """The folder of run (or data, name "data") `name` of one seed: <name>-<tag>-seed<seed>."""
+    return os.path.join(output, f"{name}-{tag}-seed{seed}")
+
+
 def plan_seed(output: str, preset_name: str, seed: int, methods: Sequence[str] = ("dsig",),
               backend: str = "fused", user_data: Optional[UserData] = None,
               teacher: Optional[Tuple[str, str]] = None, task: str = "bbox") -> List[Job]:
@@ -432,7 +437,7 @@ def plan_seed(output: str, preset_name: str, seed: int, methods: Sequence[str] =
     arch = "Mask R-CNN " if task == "segm" else ""
     preset_name = run_tag(preset_name, task)
     if user_data is None:
-        root = os.path.join(output, f"data-{preset_name}-seed{seed}")
+        root = run_dir(output, "data", preset_name, seed)
         data = generate_data(root, preset, seed, with_masks=task == "segm")
         datasets = [(data[split], os.path.join(root, f"{split}.json"), os.path.join(root, split))
                     for split in ("train", "val")]
@@ -446,7 +451,7 @@ def plan_seed(output: str, preset_name: str, seed: int, methods: Sequence[str] =
                                                for x in (k, v)]
         preset_name = f"{preset_name}-{user_data.train[0]}"  # run folders of this dataset
     common += ["SEED", str(seed), "DISTILL.BACKEND", backend]
-    teacher_dir = os.path.join(output, f"teacher-{preset_name}-seed{seed}")
+    teacher_dir = run_dir(output, "teacher", preset_name, seed)
     teacher_config = os.path.join(CONFIG_DIR, teacher_name)
     teacher_weights = os.path.join(teacher_dir, "model_final.pth")
     if teacher is None:
@@ -462,7 +467,7 @@ def plan_seed(output: str, preset_name: str, seed: int, methods: Sequence[str] =
                     f"seed {seed}: your teacher {teacher_weights}, evaluated", VERBOSE)]
     student_opts = common + _solver(preset.student_iters, preset.batch)
     for name in _run_names(methods)[1:]:
-        out = os.path.join(output, f"{name}-{preset_name}-seed{seed}")
+        out = run_dir(output, name, preset_name, seed)
         if name == "baseline":
             jobs.append(Job(name, seed, os.path.join(CONFIG_DIR, baseline_name),
                             student_opts, out, False, datasets,
@@ -589,13 +594,13 @@ def run(output: str, preset_name: str = "quick", seeds: Union[int, Sequence[int]
         from .graph_view import visualize
 
         seed, tag = seeds[0], run_tag(preset_name, task)
-        root = os.path.join(output, f"data-{tag}-seed{seed}")
+        root = run_dir(output, "data", tag, seed)
         val_json = os.path.join(root, "val.json")
         with open(val_json) as f:
             first = json.load(f)["images"][0]["file_name"]
         visualize(os.path.join(CONFIG_DIR, MODEL_CONFIGS[task][2]),
                   os.path.join(root, "val", first), val_json, graph_png,
-                  weights=os.path.join(output, f"dsig-{tag}-seed{seed}", "model_final.pth"),
+                  weights=os.path.join(run_dir(output, "dsig", tag, seed), "model_final.pth"),
                   opts=preset.extra + ["DISTILL.TEACHER.ALLOW_RANDOM_INIT", "True"])
     return write_report(output, preset_name, preset, results, user_data, task)
 
@@ -735,8 +740,7 @@ def write_report(output: str, preset_name: str, preset: Preset,
         json.dump(report, f, indent=2)
     seed_text = ", ".join(map(str, seeds))
     arch = "Mask R-CNN " if task == "segm" else ""
-    threads = sorted({v["threads"] for r in report["per_seed"].values()
-                      for v in r["results"].values() if v["threads"]})
+    threads = sorted(set().union(*(_run_threads(report, name) for name in report["mean"])))
     lines = [f"# DSIG demo report ({preset_name} preset{', Mask R-CNN' if arch else ''}, "
              f"seed{'s' if len(seeds) > 1 else ''} {seed_text})", "",
              f"- machine: {report['machine']}, torch {report['torch']}"
