@@ -1,0 +1,134 @@
+"""Builds the cudasim executor: the project's CUDA sources (csrc/ops/cuda/*.cu, translated) and
+the host code of its op library, compiled for the CPU with the executor runtime and a simulated
+torch device, as one shared library per sanitizer variant.
+
+  python tests/cudasim/build.py [--variant asan|tsan|plain] [--extra FILE.cu ...]
+
+prints the library's path. Objects are cached by the hash of their text and flags, so a rebuild
+after an edit compiles only what changed. Variants:
+  asan   AddressSanitizer + UndefinedBehaviorSanitizer: out-of-bounds global and shared accesses,
+         use after free, misaligned or overflowing arithmetic (the default; run with libasan
+         preloaded, see runner.py)
+  tsan   ThreadSanitizer told CUDA's ordering rules: every CUDA thread is a TSan fiber, barriers
+         and warp collectives are its only synchronisation, blocks are unordered
+  plain  no sanitizer (fastest)
+"""
+import argparse
+import concurrent.futures
+import glob
+import hashlib
+import os
+import subprocess
+import sys
+import sysconfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+import translate  # noqa: E402
+
+SANITIZE = {
+    "asan": ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=all"],
+    "tsan": ["-fsanitize=thread"],
+    "plain": [],
+}
+
+# Grid caps of the launchers, lowered so that every grid-stride loop takes several strides on the
+# executor's small shapes (the sources default to their real caps when this is not defined).
+SIM_DEFINES = ["-DDSIG_CUDA_MAX_GRID_BLOCKS=3"]
+
+
+def torch_flags():
+    import torch
+    from torch.utils import cpp_extension
+
+    inc = []
+    for p in cpp_extension.include_paths():
+        inc += ["-isystem", p]
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    return inc, [f"-D_GLIBCXX_USE_CXX11_ABI={abi}"], lib
+
+
+def sources(extra):
+    """(path shown in diagnostics, text) of every translation unit."""
+    units = []
+    cu = sorted(glob.glob(os.path.join(ROOT, "csrc", "ops", "cuda", "*.cu")))
+    for path in cu + [os.path.join(HERE, "selftest.cu")] + list(extra):
+        rel = os.path.relpath(path, ROOT)
+        units.append((rel, translate.translate(open(path).read(), rel, cuda=True)))
+    for path in sorted(glob.glob(os.path.join(ROOT, "csrc", "ops", "*.cpp"))):
+        rel = os.path.relpath(path, ROOT)
+        units.append((rel, translate.translate(open(path).read(), rel, cuda=False)))
+    for name in ("runtime.cpp", "device.cpp"):
+        rel = os.path.relpath(os.path.join(HERE, name), ROOT)
+        units.append((rel, open(os.path.join(HERE, name)).read()))
+    return units
+
+
+def build(variant="asan", extra=(), jobs=2, verbose=False):
+    inc, defs, torch_lib = torch_flags()
+    out_dir = os.path.join(ROOT, "build", f"cudasim-{variant}")
+    os.makedirs(os.path.join(out_dir, "gen"), exist_ok=True)
+    cflags = (["-std=c++20", "-O1", "-g", "-fPIC", "-fno-omit-frame-pointer",
+               "-fvisibility=hidden", "-Wno-unknown-pragmas"] + SANITIZE[variant] + SIM_DEFINES
+              + defs + ["-I", os.path.join(HERE, "include"), "-I", os.path.join(ROOT, "csrc"),
+                        "-I", os.path.join(ROOT, "csrc", "ops", "cuda"),
+                        "-I", os.path.join(ROOT, "csrc", "ops")] + inc)
+    cxx = os.environ.get("CXX", "g++")
+    headers = "".join(open(h).read() for h in sorted(
+        glob.glob(os.path.join(ROOT, "csrc", "**", "*.h"), recursive=True)
+        + glob.glob(os.path.join(HERE, "include", "**", "*.h"), recursive=True)))
+    jobs_list = []
+    for rel, text in sources(extra):
+        key = hashlib.sha256((cxx + " ".join(cflags) + headers + text).encode()).hexdigest()[:20]
+        stem = rel.replace(os.sep, "_").replace(".", "_")
+        src = os.path.join(out_dir, "gen", stem + ".cpp")
+        obj = os.path.join(out_dir, f"{stem}-{key}.o")
+        jobs_list.append((rel, text, src, obj))
+
+    def compile_one(job):
+        rel, text, src, obj = job
+        if os.path.exists(obj):
+            return obj
+        for stale in glob.glob(obj.rsplit("-", 1)[0] + "-*.o"):
+            os.remove(stale)
+        with open(src, "w") as f:
+            f.write(text)
+        cmd = [cxx] + cflags + ["-c", src, "-o", obj + ".tmp"]
+        if verbose:
+            print(" ".join(cmd), file=sys.stderr)
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"cudasim: compiling {rel} failed:\n{r.stderr[-6000:]}")
+        os.replace(obj + ".tmp", obj)
+        return obj
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        objs = list(pool.map(compile_one, jobs_list))
+    key = hashlib.sha256(" ".join(objs).encode()).hexdigest()[:20]
+    lib = os.path.join(out_dir, f"libdsig_cudasim-{key}.so")
+    if not os.path.exists(lib):
+        for stale in glob.glob(os.path.join(out_dir, "libdsig_cudasim-*.so")):
+            os.remove(stale)
+        cmd = ([cxx, "-shared", "-o", lib + ".tmp"] + objs + SANITIZE[variant]
+               + ["-L", torch_lib, f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch"])
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"cudasim: linking failed:\n{r.stderr[-6000:]}")
+        os.replace(lib + ".tmp", lib)
+    return lib
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variant", choices=sorted(SANITIZE), default="asan")
+    ap.add_argument("--extra", nargs="*", default=[], help="more .cu files (the self-test)")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args()
+    print(build(args.variant, args.extra, args.jobs, args.verbose))
+
+
+if __name__ == "__main__":
+    main()
