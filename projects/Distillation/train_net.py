@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""DSIG distillation training and evaluation (detectron2 projects/ convention).
+"""DSIG distillation training and evaluation (detectron2 projects/ convention); plain
+detectron2 models (a baseline, an exported student) train, resume and evaluate the same way.
 
 Examples:
   python projects/Distillation/train_net.py --config-file \

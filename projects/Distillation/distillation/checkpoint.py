@@ -183,6 +183,18 @@ def _prefixed_metadata(metadata, student_keys_prefixed: bool):
     return out
 
 
+def _student_metadata(metadata):
+    """The student's module version metadata of a distillation checkpoint, re-rooted for a
+    plain model (the student's keys lose their ``student.`` prefix)."""
+    if metadata is None:
+        return None
+    out = OrderedDict()
+    for prefix, value in metadata.items():
+        if prefix == "student" or prefix.startswith("student."):
+            out[prefix[len("student."):]] = value
+    return out
+
+
 def _check_backbone_init(weights, student_state, source):
     """A converted torchvision backbone must fill the student's backbone exactly."""
     backbone = {k for k in student_state if k.startswith("backbone.bottom_up.")}
@@ -206,12 +218,14 @@ def _check_backbone_layout(weights, student_state):
 
 
 class DistillationCheckpointer(SafeDetectionCheckpointer):
-    """Checkpointer of the distillation wrapper (``model.student`` / ``model.teacher``).
+    """Checkpointer of this project's models: the distillation wrapper (``model.student`` /
+    ``model.teacher``) and plain detectron2 detectors (baselines, exported students).
 
     Student weights load as detectron2 loads any init file (by name, non-strict, c2 heuristics for
     .pkl); teacher weights present in the file must match the teacher exactly. Every student key
     the file leaves without a value is reported, including FrozenBN statistics that detectron2
-    fills in silently for files without version metadata (as the original's merged files)."""
+    fills in silently for files without version metadata (as the original's merged files). A plain
+    model takes the student part of a distillation checkpoint (its ``teacher.*`` keys are dropped)."""
 
     def load(self, path, *args, **kwargs):
         # detectron2:// and torchvision:// forms: a clear error instead of a hang when offline
@@ -219,37 +233,45 @@ class DistillationCheckpointer(SafeDetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         model = self.model.module if hasattr(self.model, "module") else self.model
+        distill = hasattr(model, "student")
+        target = model.student if distill else model  # the detector the student keys fill
         if checkpoint.get("matching_heuristics", False):  # an ImageNet/C2 student init file
-            _check_backbone_layout(checkpoint["model"], model.student.state_dict())
-            student_ckpt = SafeDetectionCheckpointer(model.student)
-            return student_ckpt._load_model(checkpoint)
+            _check_backbone_layout(checkpoint["model"], target.state_dict())
+            return SafeDetectionCheckpointer(target)._load_model(checkpoint)
         metadata = getattr(checkpoint["model"], "_metadata", None)
         weights = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v
                    for k, v in checkpoint["model"].items()}
         student, teacher, had_prefixes = split_distillation_state(weights)
-        student_state = model.student.state_dict()
+        student_state = target.state_dict()
         _check_backbone_layout(student, student_state)
         # buffers the model rebuilds from its config (pixel_mean/std in the original's files)
         student = OrderedDict((k, v) for k, v in student.items()
                               if k in student_state or not _is_benign(k))
-        if teacher:
+        if teacher and distill:
             missing, unexpected, wrong = mismatched_keys(model.teacher.state_dict(), teacher)
             if missing or unexpected or wrong:
                 _raise_mismatch("MODEL.WEIGHTS (teacher.* keys)", missing, unexpected, wrong)
             model.teacher_weights_loaded = True
+        elif teacher:
+            logger.info("Plain detector: the checkpoint's %d teacher.* keys are not loaded",
+                        len(teacher))
+            teacher = {}
         if checkpoint.get("__author__") in CONVERTED_AUTHORS:
             _check_backbone_init(student, student_state, checkpoint.get("__source__", "file"))
-        absent = [k for k in student_state if k not in student and not _is_benign(k)]
-        merged = OrderedDict([("student." + k, v) for k, v in student.items()])
+        prefix = "student." if distill else ""
+        absent = [prefix + k for k in student_state if k not in student and not _is_benign(k)]
+        merged = OrderedDict([(prefix + k, v) for k, v in student.items()])
         merged.update(("teacher." + k, v) for k, v in teacher.items())
-        metadata = _prefixed_metadata(metadata, had_prefixes)
+        if distill:
+            metadata = _prefixed_metadata(metadata, had_prefixes)
+        elif had_prefixes:
+            metadata = _student_metadata(metadata)
         if metadata is not None:  # module versions: FrozenBN reads them
             merged._metadata = metadata
         checkpoint["model"] = merged
         incompatible = super()._load_model(checkpoint)
         reported = set(incompatible.missing_keys)
-        incompatible.missing_keys.extend(
-            "student." + k for k in absent if "student." + k not in reported)
+        incompatible.missing_keys.extend(k for k in absent if k not in reported)
         return incompatible
 
 

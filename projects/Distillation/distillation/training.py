@@ -81,6 +81,10 @@ class ExportStudent(hooks.HookBase):
         self.output_dir = output_dir
 
     def after_train(self):
+        model = self.trainer.model
+        model = model.module if isinstance(model, DistributedDataParallel) else model
+        if not hasattr(model, "student"):  # a plain detector: model_final.pth is the export
+            return
         if comm.is_main_process() and self.trainer.iter + 1 >= self.trainer.max_iter:
             path = os.path.join(self.output_dir, "model_final_student.pth")
             torch.save({"model": student_of(self.trainer.model).state_dict()}, path)
@@ -144,7 +148,8 @@ class AutocastTrainer(SimpleTrainer):
 
 class Trainer(DefaultTrainer):
     """DefaultTrainer with the distillation checkpointer, CPU DDP (gloo) support, COCO
-    evaluation on the pycocotools path and the student export."""
+    evaluation on the pycocotools path and the student export. Plain detectron2 models
+    (GeneralizedRCNN, RetinaNet: baselines, exported students) train and resume through it too."""
 
     def __init__(self, cfg):  # DefaultTrainer's order, with our DDP and checkpointer
         super(DefaultTrainer, self).__init__()
