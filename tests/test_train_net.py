@@ -1,5 +1,5 @@
-"""train_net.py on plain detectron2 models (a baseline, an exported student). The scripts run in
-subprocesses on tiny generated images with random weights; CPU."""
+"""train_net.py and tools/visualize_graph.py on plain detectron2 models (a baseline, an exported
+student). The scripts run in subprocesses on tiny generated images with random weights; CPU."""
 import os
 import subprocess
 import sys
@@ -74,3 +74,13 @@ def test_exported_student_evaluates_with_the_stock_config(data, tmp_path):
                          flags=["--eval-only"])
     assert rc == 0, log[-3000:]
     assert "Evaluation results for bbox" in log or "No predictions from the model" in log
+
+
+def test_visualize_graph_refuses_a_plain_config(data):
+    json_file, image_root = data
+    rc, log = _run(os.path.join("tools", "visualize_graph.py"), [
+        "--config", os.path.join(DEMO, "student-R18.yaml"), "--json", json_file,
+        "--image", os.path.join(image_root, "0000.png"), "--output", os.devnull])
+    assert rc != 0 and "Traceback" not in log, log[-3000:]
+    assert ("is not a DistillationRCNN config (MODEL.META_ARCHITECTURE is GeneralizedRCNN)"
+            in log)

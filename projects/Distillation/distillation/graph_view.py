@@ -67,15 +67,25 @@ def draw(img_rgb, graph, output, title=""):
     return {"nodes": n, "fg": n_fg, "edge_mse": float(((e_t - e_s) ** 2).mean())}
 
 
+class GraphConfigError(ValueError):
+    """A config whose model has no instance graph (tools/visualize_graph.py prints it as one
+    line)."""
+
+
 def visualize(config, image, json_file, output, weights="", opts=(), seed=0):
     import torch
-    from detectron2.modeling import build_model
+    from detectron2.modeling import META_ARCH_REGISTRY, build_model
 
     from distillation.checkpoint import DistillationCheckpointer
     from distillation.training import load_config
 
     cfg = load_config(config, list(opts))
     cfg.freeze()
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if not hasattr(META_ARCH_REGISTRY.get(arch), "instance_graphs"):
+        raise GraphConfigError(f"{config} is not a DistillationRCNN config (MODEL."
+                               f"META_ARCHITECTURE is {arch}): only a two-stage distillation "
+                               "model has an instance graph to draw")
     model = build_model(cfg)
     if weights:
         DistillationCheckpointer(model).load(weights)

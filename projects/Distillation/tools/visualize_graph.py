@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-from distillation.graph_view import visualize  # noqa: E402
+from distillation.graph_view import GraphConfigError, visualize  # noqa: E402
 
 
 def main():
@@ -28,7 +28,10 @@ def main():
     p.add_argument("--output", default="graph.png")
     p.add_argument("opts", nargs=argparse.REMAINDER)
     a = p.parse_args()
-    print(visualize(a.config, a.image, a.json, a.output, a.weights, a.opts))
+    try:
+        print(visualize(a.config, a.image, a.json, a.output, a.weights, a.opts))
+    except GraphConfigError as e:  # one line, no traceback
+        sys.exit(f"visualize_graph.py: error: {e}")
 
 
 if __name__ == "__main__":
