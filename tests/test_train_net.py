@@ -1,17 +1,21 @@
 """train_net.py and tools/visualize_graph.py on plain detectron2 models (a baseline, an exported
-student). The scripts run in subprocesses on tiny generated images with random weights; CPU."""
+student), and evaluation refusing checkpoints that leave weights unfilled. The scripts run in
+subprocesses on tiny generated images with random weights; CPU."""
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("detectron2")
 from distill_utils import CONFIGS, PROJECT, make_coco_dataset, tiny_opts  # noqa: E402
 
 from detectron2.modeling import build_model  # noqa: E402
 
-from distillation.checkpoint import DistillationCheckpointer, export_student  # noqa: E402
+from distillation.checkpoint import (  # noqa: E402
+    DistillationCheckpointer, IncompleteCheckpointError, export_student)
 from distillation.training import load_config  # noqa: E402
 
 DATASET = "train_net_tiny"
@@ -65,6 +69,14 @@ def _distillation_checkpoint(tmp_path):
     return cfg, str(tmp_path / "model_final.pth")
 
 
+def _other_architecture(tmp_path):
+    """A detector of another depth (the demo's R50) saved as a student file."""
+    path = str(tmp_path / "r50.pth")
+    cfg = load_config(os.path.join(DEMO, "teacher-R50.yaml"), tiny_opts(DATASET, str(tmp_path)))
+    torch.save({"model": build_model(cfg).state_dict()}, path)
+    return path
+
+
 def test_exported_student_evaluates_with_the_stock_config(data, tmp_path):
     _, checkpoint = _distillation_checkpoint(tmp_path)
     student = str(tmp_path / "student.pth")
@@ -74,6 +86,46 @@ def test_exported_student_evaluates_with_the_stock_config(data, tmp_path):
                          flags=["--eval-only"])
     assert rc == 0, log[-3000:]
     assert "Evaluation results for bbox" in log or "No predictions from the model" in log
+
+
+def test_eval_only_refuses_a_student_of_another_architecture(data, tmp_path):
+    wrong = _other_architecture(tmp_path)
+    rc, log = _train_net(data, os.path.join(DEMO, "dsig-R18-R50.yaml"), str(tmp_path / "eval"),
+                         ["DATASETS.TEST", f"('{DATASET}',)", "MODEL.WEIGHTS", wrong],
+                         flags=["--eval-only"])
+    assert rc != 0, log[-3000:]
+    assert f"IncompleteCheckpointError: checkpoint {wrong} leaves" in log, log[-3000:]
+    assert ("student.backbone.bottom_up.res3.0.conv1.weight: shape (128, 256, 1, 1) in the "
+            "checkpoint, (128, 64, 3, 3) in the model") in log
+    assert "copypaste" not in log  # no evaluation ran
+
+
+def test_eval_loads_require_every_student_weight(data, tmp_path):
+    """The checkpointer in evaluation mode: a complete student loads into the distillation model
+    (its teacher exempt) and into a plain one (teacher keys dropped); a wrong-architecture or
+    absent checkpoint is refused."""
+    cfg, checkpoint = _distillation_checkpoint(tmp_path)
+    DistillationCheckpointer(build_model(cfg), require_complete=True).load(checkpoint)
+    plain_cfg = cfg.clone()
+    plain_cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    plain = build_model(plain_cfg)
+    DistillationCheckpointer(plain, require_complete=True).load(checkpoint)
+    saved = torch.load(checkpoint, weights_only=True)["model"]
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(v, saved["student." + k], msg=k)
+
+    wrong = _other_architecture(tmp_path)
+    for model in (build_model(cfg), build_model(plain_cfg)):
+        with pytest.raises(IncompleteCheckpointError, match=f"checkpoint {re.escape(wrong)} leaves") as e:
+            DistillationCheckpointer(model, require_complete=True).load(wrong)
+        message = str(e.value)
+        assert "res3.0.conv1.weight: shape (128, 256, 1, 1) in the checkpoint, (128, 64, 3, 3) " \
+               "in the model" in message
+        assert "teacher." not in message
+    with pytest.raises(IncompleteCheckpointError, match="no checkpoint to evaluate"):
+        DistillationCheckpointer(plain, require_complete=True).load("")
+    # training still loads what fits and warns about the rest
+    DistillationCheckpointer(build_model(plain_cfg)).load(wrong)
 
 
 def test_visualize_graph_refuses_a_plain_config(data):

@@ -29,7 +29,9 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DistillationCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        # a checkpoint that leaves weights unfilled is an error here, not a random model's AP
+        DistillationCheckpointer(model, save_dir=cfg.OUTPUT_DIR,
+                                 require_complete=True).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():

@@ -217,6 +217,32 @@ def _check_backbone_layout(weights, student_state):
         raise ValueError(message)
 
 
+class IncompleteCheckpointError(RuntimeError):
+    pass
+
+
+def _raise_if_incomplete(source: str, incompatible, exempt=("teacher.",)) -> None:
+    """Refuse a load that leaves model weights without a value (evaluation: a partly random
+    model would report a meaningless AP). Keys starting with ``exempt`` are not checked."""
+    if incompatible is None:
+        return
+    wrong = {k: (a, b) for k, a, b in incompatible.incorrect_shapes}
+    unfilled = sorted(k for k in set(incompatible.missing_keys) | set(wrong)
+                      if not k.startswith(exempt) and not _is_benign(k))
+    if not unfilled:
+        return
+    lines = [f"{k}: shape {tuple(wrong[k][0])} in the checkpoint, {tuple(wrong[k][1])} in the "
+             "model" if k in wrong else k for k in unfilled]
+    shown = "\n".join(f"    {line}" for line in lines[:100])
+    more = f"\n    ... and {len(lines) - 100} more" if len(lines) > 100 else ""
+    unexpected = [k for k in incompatible.unexpected_keys if not _is_benign(k)]
+    extra = (f"\n  It also holds {len(unexpected)} key(s) the model lacks, e.g. "
+             f"{', '.join(unexpected[:3])}." if unexpected else "")
+    raise IncompleteCheckpointError(
+        f"checkpoint {source} leaves {len(unfilled)} model weight(s) without a value (is it the "
+        f"config's architecture?):\n{shown}{more}{extra}")
+
+
 class DistillationCheckpointer(SafeDetectionCheckpointer):
     """Checkpointer of this project's models: the distillation wrapper (``model.student`` /
     ``model.teacher``) and plain detectron2 detectors (baselines, exported students).
@@ -225,13 +251,32 @@ class DistillationCheckpointer(SafeDetectionCheckpointer):
     .pkl); teacher weights present in the file must match the teacher exactly. Every student key
     the file leaves without a value is reported, including FrozenBN statistics that detectron2
     fills in silently for files without version metadata (as the original's merged files). A plain
-    model takes the student part of a distillation checkpoint (its ``teacher.*`` keys are dropped)."""
+    model takes the student part of a distillation checkpoint (its ``teacher.*`` keys are dropped).
+
+    ``require_complete=True`` (evaluation) makes a load that leaves any model weight without a
+    value an error listing them; the teacher is exempt (it does no work at inference)."""
+
+    def __init__(self, model, save_dir="", *, require_complete=False, **checkpointables):
+        super().__init__(model, save_dir, **checkpointables)
+        self.require_complete = require_complete
+        self._source = None
 
     def load(self, path, *args, **kwargs):
+        if self.require_complete and not path:
+            raise IncompleteCheckpointError(
+                "no checkpoint to evaluate: set MODEL.WEIGHTS (or --resume with a checkpoint in "
+                "OUTPUT_DIR); the model would run with random weights")
         # detectron2:// and torchvision:// forms: a clear error instead of a hang when offline
+        self._source = path
         return super().load(resolve_weights(path) if path else path, *args, **kwargs)
 
     def _load_model(self, checkpoint):
+        incompatible = self._load_weights(checkpoint)
+        if self.require_complete:
+            _raise_if_incomplete(self._source or "(unnamed)", incompatible)
+        return incompatible
+
+    def _load_weights(self, checkpoint):
         model = self.model.module if hasattr(self.model, "module") else self.model
         distill = hasattr(model, "student")
         target = model.student if distill else model  # the detector the student keys fill
