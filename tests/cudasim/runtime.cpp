@@ -1,5 +1,5 @@
 // cudasim scheduler: blocks run one after another in the selected block order; inside a block
-// every CUDA thread is a fiber (ucontext) that runs until it reaches a barrier, a warp collective
+// every CUDA thread is a fiber (its own stack) that runs until it reaches a barrier, a warp collective
 // or its end, and runnable fibers are resumed in the selected thread order. Detects barrier
 // divergence, warp collectives with missing lanes, launch-limit violations and shared memory
 // above the launch's budget; shared memory is garbage at every block's start.
@@ -7,7 +7,6 @@
 #include "cudasim/control.h"
 
 #include <sys/mman.h>
-#include <ucontext.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -20,6 +19,7 @@
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define CUDASIM_ASAN 1
 #endif
@@ -27,6 +27,48 @@
 #include <sanitizer/tsan_interface.h>
 #define CUDASIM_TSAN 1
 #endif
+
+// Fiber switch without the signal-mask system calls of swapcontext (x86-64 System V): saves the
+// callee-saved registers, MXCSR and the x87 control word on the current stack, stores the stack
+// pointer in *save and continues on `next`.
+extern "C" void cudasim_switch(void** save, void* next);
+extern "C" void cudasim_fiber_start();
+asm(R"(
+  .text
+  .globl cudasim_switch
+  .type cudasim_switch, @function
+cudasim_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size cudasim_switch, .-cudasim_switch
+
+  .globl cudasim_fiber_start
+  .type cudasim_fiber_start, @function
+cudasim_fiber_start:
+  movq %r12, %rdi
+  call cudasim_fiber_entry
+  ud2
+  .size cudasim_fiber_start, .-cudasim_fiber_start
+)");
 
 namespace cudasim {
 
@@ -36,13 +78,14 @@ dim3 g_block_dim, g_grid_dim;
 namespace {
 
 constexpr size_t kStackBytes = 512 * 1024;
+constexpr size_t kEntryFrameBytes = 16 * 1024;  // top of a fiber stack: the entry frames
 constexpr size_t kDefaultSmemLimit = 48 * 1024;   // without cudaFuncSetAttribute opt-in
 constexpr size_t kMaxSmemOptIn = 227 * 1024;      // sm_90
 
 enum class State { Runnable, Barrier, Warp, Exited };
 
 struct Fiber {
-  ucontext_t ctx;
+  void* sp = nullptr;  // saved stack pointer while switched out
   void* stack = nullptr;
   uint3 tid;
   int linear = 0;
@@ -73,6 +116,7 @@ struct Options {
 };
 
 Options g_opt;
+uint64_t g_fp_control = 0;  // MXCSR and x87 control word of the launching thread
 std::mutex g_launch_mutex;
 std::map<const void*, int> g_smem_opt_in;
 
@@ -84,7 +128,7 @@ struct Run {
   void* ctx = nullptr;
   std::vector<Fiber> fibers;
   Fiber* current = nullptr;
-  ucontext_t scheduler;
+  void* scheduler_sp = nullptr;
   std::string error;
   std::vector<SharedBlock> shared;
   void* dynamic = nullptr;
@@ -147,7 +191,7 @@ void fill_garbage(void* p, size_t n) {
 #if CUDASIM_TSAN
   __tsan_switch_to_fiber(r.tsan_host, __tsan_switch_to_fiber_no_sync);
 #endif
-  swapcontext(&f->ctx, &r.scheduler);
+  cudasim_switch(&f->sp, r.scheduler_sp);
   std::abort();  // never resumed
 }
 
@@ -161,14 +205,18 @@ void switch_to_scheduler() {
 #if CUDASIM_TSAN
   __tsan_switch_to_fiber(r.tsan_host, __tsan_switch_to_fiber_no_sync);
 #endif
-  swapcontext(&f->ctx, &r.scheduler);
+  cudasim_switch(&f->sp, r.scheduler_sp);
 #if CUDASIM_ASAN
   __sanitizer_finish_switch_fiber(fake, &r.host_stack, &r.host_stack_size);
 #endif
 }
 
-void fiber_entry(unsigned lo, unsigned hi) {
-  Fiber* f = reinterpret_cast<Fiber*>((static_cast<uintptr_t>(hi) << 32) | lo);
+}  // namespace
+}  // namespace cudasim
+
+extern "C" void cudasim_fiber_entry(void* fiber) {
+  using namespace cudasim;
+  Fiber* f = static_cast<Fiber*>(fiber);
 #if CUDASIM_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &g_run.host_stack, &g_run.host_stack_size);
 #endif
@@ -187,9 +235,12 @@ void fiber_entry(unsigned lo, unsigned hi) {
 #if CUDASIM_TSAN
   __tsan_switch_to_fiber(g_run.tsan_host, __tsan_switch_to_fiber_no_sync);
 #endif
-  swapcontext(&f->ctx, &g_run.scheduler);
+  cudasim_switch(&f->sp, g_run.scheduler_sp);
   std::abort();
 }
+
+namespace cudasim {
+namespace {
 
 void resume(Fiber& f) {
   Run& r = g_run;
@@ -202,7 +253,7 @@ void resume(Fiber& f) {
 #if CUDASIM_TSAN
   __tsan_switch_to_fiber(f.tsan_fiber, __tsan_switch_to_fiber_no_sync);
 #endif
-  swapcontext(&r.scheduler, &f.ctx);
+  cudasim_switch(&r.scheduler_sp, f.sp);
 #if CUDASIM_ASAN
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
@@ -367,13 +418,23 @@ void run_block(unsigned bx, unsigned by, unsigned bz) {
   for (size_t i = 0; i < n; ++i) {
     Fiber& f = r.fibers[i];
     f.state = State::Runnable;
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack;
-    f.ctx.uc_stack.ss_size = kStackBytes;
-    f.ctx.uc_link = nullptr;
-    const uintptr_t p = reinterpret_cast<uintptr_t>(&f);
-    makecontext(&f.ctx, reinterpret_cast<void (*)()>(&fiber_entry), 2,
-                static_cast<unsigned>(p & 0xffffffffu), static_cast<unsigned>(p >> 32));
+#if CUDASIM_ASAN
+    // the frames of the stack's last fiber ended by a switch, not a return: their redzones stay
+    __asan_unpoison_memory_region(static_cast<char*>(f.stack) + kStackBytes - kEntryFrameBytes,
+                                  kEntryFrameBytes);
+#endif
+    // a frame as cudasim_switch leaves it, returning into cudasim_fiber_start with r12 = &f
+    uint64_t* top = reinterpret_cast<uint64_t*>(static_cast<char*>(f.stack) + kStackBytes);
+    top -= 2;            // 16-byte aligned after the return
+    *--top = reinterpret_cast<uint64_t>(&cudasim_fiber_start);
+    *--top = 0;          // rbp
+    *--top = 0;          // rbx
+    *--top = reinterpret_cast<uint64_t>(&f);  // r12
+    *--top = 0;          // r13
+    *--top = 0;          // r14
+    *--top = 0;          // r15
+    *--top = g_fp_control;  // MXCSR (low half), x87 control word (high half)
+    f.sp = top;
 #if CUDASIM_TSAN
     f.tsan_fiber = __tsan_create_fiber(0);
 #endif
@@ -478,7 +539,13 @@ void run_launch(const KernelInfo& info, const LaunchConfig& cfg, const void* ker
   }
   const size_t n = size_t(cfg.block.x) * cfg.block.y * cfg.block.z;
   if (r.fibers.size() != n) {
-    for (Fiber& f : r.fibers) munmap(f.stack, kStackBytes);
+    for (Fiber& f : r.fibers) {
+#if CUDASIM_ASAN
+      // the shadow outlives the mapping: memory mapped here later must not look like a stack
+      __asan_unpoison_memory_region(f.stack, kStackBytes);
+#endif
+      munmap(f.stack, kStackBytes);
+    }
     r.fibers.assign(n, Fiber{});
     for (Fiber& f : r.fibers) {
       f.stack = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE,
@@ -495,6 +562,13 @@ void run_launch(const KernelInfo& info, const LaunchConfig& cfg, const void* ker
   }
   g_block_dim = cfg.block;
   g_grid_dim = cfg.grid;
+  {
+    uint32_t mxcsr;
+    uint16_t fpcw;
+    asm volatile("stmxcsr %0" : "=m"(mxcsr));
+    asm volatile("fnstcw %0" : "=m"(fpcw));
+    g_fp_control = mxcsr | (uint64_t(fpcw) << 32);
+  }
 #if CUDASIM_TSAN
   r.tsan_host = __tsan_get_current_fiber();
 #endif
@@ -513,6 +587,10 @@ void run_launch(const KernelInfo& info, const LaunchConfig& cfg, const void* ker
 #endif
   g_opt.launches += 1;
   if (!r.error.empty()) {
+#if CUDASIM_ASAN
+    // abandoned fibers leave poisoned frames anywhere on their stacks
+    for (Fiber& f : r.fibers) __asan_unpoison_memory_region(f.stack, kStackBytes);
+#endif
     std::string msg = "cudasim: kernel " + std::string(info.name) + " (launched at " +
                       where(info.file, info.line) + ", grid " + dims(cfg.grid) + ", block " +
                       dims(cfg.block) + "): " + r.error;

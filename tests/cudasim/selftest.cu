@@ -31,14 +31,14 @@ __global__ void uninitialised_shared_kernel(int* out) {
 // Thread 0 leaves before the barrier the others wait at.
 __global__ void exit_before_barrier_kernel(int* out) {
   if (threadIdx.x == 0) return;
-  __syncthreads();
+  __syncthreads();  // planted: exit before barrier
   out[threadIdx.x] = 1;
 }
 
 // Two different barriers for the two halves of the block.
 __global__ void divergent_barriers_kernel(int* out) {
   if (threadIdx.x < kBlock / 2) {
-    __syncthreads();
+    __syncthreads();  // planted: divergent barriers
   } else {
     __syncthreads();
   }
@@ -48,7 +48,7 @@ __global__ void divergent_barriers_kernel(int* out) {
 // A full-warp ballot after lane 5 exited.
 __global__ void ballot_exited_lane_kernel(int* out) {
   if (threadIdx.x % 32 == 5) return;
-  const unsigned m = __ballot_sync(0xffffffffu, threadIdx.x % 2 == 0);
+  const unsigned m = __ballot_sync(0xffffffffu, threadIdx.x % 2 == 0);  // planted: exited lane
   out[threadIdx.x] = static_cast<int>(m);
 }
 

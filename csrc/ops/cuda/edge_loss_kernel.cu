@@ -77,9 +77,18 @@ __global__ void ranges_from_device_offsets_kernel(const int64_t* offsets, int64_
   }
 }
 
+// Most blocks of a grid-stride launch. The CPU executor of this source (tests/cudasim) lowers it
+// so that its small cases take several strides.
+#ifdef DSIG_CUDA_MAX_GRID_BLOCKS
+constexpr int64_t kMaxGridBlocks = DSIG_CUDA_MAX_GRID_BLOCKS;
+#else
+constexpr int64_t kMaxGridBlocks = int64_t(1) << 16;
+#endif
+
+// Blocks of a grid-stride launch over n items (kernels that use it must loop).
 unsigned grid_for(int64_t n, int threads) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads,
-                                                                      int64_t(1) << 16)));
+                                                                      kMaxGridBlocks)));
 }
 
 GraphLayout layout_cuda(const at::Tensor& offsets, int64_t num_rows, const at::Device& device,
@@ -301,7 +310,7 @@ at::Tensor factor_matmul_cuda(const at::Tensor& factor_in, const at::Tensor& x_i
   const at::Tensor x = in_accumulation_reach(x_in, factor.scalar_type());
   const int64_t N = x.size(0), D = x.size(1);
   at::Tensor dx = at::empty({N, D}, x.options());
-  if (N == 0 || D == 0) return dx;
+  if (N == 0 || D == 0) return dx.to(dtype);  // x may have been widened to the factor's dtype
   const at::Tensor s = scale.defined() ? scale.reshape({}).to(factor.scalar_type()) : scale;
   auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>((D + kTile - 1) / kTile),

@@ -31,6 +31,14 @@ using detail::RoiGeometry;
 
 constexpr int kThreads = 256;
 
+// Most blocks of a grid-stride launch. The CPU executor of this source (tests/cudasim) lowers it
+// so that its small cases take several strides.
+#ifdef DSIG_CUDA_MAX_GRID_BLOCKS
+constexpr int64_t kMaxGridBlocks = DSIG_CUDA_MAX_GRID_BLOCKS;
+#else
+constexpr int64_t kMaxGridBlocks = int64_t(1) << 20;
+#endif
+
 template <typename T>
 struct LevelTable {
   const T* data[kMaxLevels];
@@ -77,8 +85,9 @@ __device__ __forceinline__ OutputIndex output_index(int64_t idx, int64_t C, int 
   return o;
 }
 
+// Blocks of a grid-stride launch over n items (kernels that use it must loop).
 inline int blocks_for(int64_t n) {
-  return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20));
+  return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxGridBlocks));
 }
 
 template <typename T, typename acc_t>
@@ -166,27 +175,29 @@ __global__ void footprint_kernel(const acc_t* __restrict__ rois,
                                  int64_t num_images, GradTable<acc_t> gt, int ph, int pw,
                                  int sampling_ratio, bool aligned,
                                  RoiFootprint<acc_t>* __restrict__ fps, int64_t* __restrict__ keys) {
-  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (k >= K) return;
-  const acc_t* roi = rois + 5 * k;
-  const int64_t b = batch_of(roi, num_images);
-  const int64_t l = level_of(levels, k, gt.num_levels);
-  RoiFootprint<acc_t> fp{};
-  fp.y_first = fp.x_first = 1;
-  fp.y_last = fp.x_last = 0;
-  int64_t key = num_images * gt.num_levels;
-  if (b >= 0 && l >= 0) {
-    fp.g = detail::roi_geometry<acc_t>(roi[1], roi[2], roi[3], roi[4],
-                                       static_cast<acc_t>(gt.scale[l]), ph, pw, sampling_ratio,
-                                       aligned);
-    detail::axis_extent(fp.g.start_h, fp.g.bin_h, ph, fp.g.grid_h, gt.height[l], &fp.y_first,
-                        &fp.y_last);
-    detail::axis_extent(fp.g.start_w, fp.g.bin_w, pw, fp.g.grid_w, gt.width[l], &fp.x_first,
-                        &fp.x_last);
-    if (fp.y_first <= fp.y_last && fp.x_first <= fp.x_last) key = b * gt.num_levels + l;
+  // grid-stride: the grid is capped at kMaxGridBlocks
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < K;
+       k += int64_t(blockDim.x) * gridDim.x) {
+    const acc_t* roi = rois + 5 * k;
+    const int64_t b = batch_of(roi, num_images);
+    const int64_t l = level_of(levels, k, gt.num_levels);
+    RoiFootprint<acc_t> fp{};
+    fp.y_first = fp.x_first = 1;
+    fp.y_last = fp.x_last = 0;
+    int64_t key = num_images * gt.num_levels;
+    if (b >= 0 && l >= 0) {
+      fp.g = detail::roi_geometry<acc_t>(roi[1], roi[2], roi[3], roi[4],
+                                         static_cast<acc_t>(gt.scale[l]), ph, pw, sampling_ratio,
+                                         aligned);
+      detail::axis_extent(fp.g.start_h, fp.g.bin_h, ph, fp.g.grid_h, gt.height[l], &fp.y_first,
+                          &fp.y_last);
+      detail::axis_extent(fp.g.start_w, fp.g.bin_w, pw, fp.g.grid_w, gt.width[l], &fp.x_first,
+                          &fp.x_last);
+      if (fp.y_first <= fp.y_last && fp.x_first <= fp.x_last) key = b * gt.num_levels + l;
+    }
+    fps[k] = fp;
+    keys[k] = key;
   }
-  fps[k] = fp;
-  keys[k] = key;
 }
 
 template <typename T>
@@ -270,26 +281,36 @@ backward_owner_kernel(OwnerOutput<T> out, const RoiFootprint<acc_t>* __restrict_
         wx[q * E + x] = detail::axis_pixel_weight(g.start_w, g.bin_w, q, g.grid_w, W, xa + x);
       }
       __syncthreads();
-      // t1[c][p][x] = sum_q G[c][p][q] / count * Wx[q][x]
+      // t1[c][p][x] = sum_q G[c][p][q] / count * Wx[q][x] over the bins q whose samples touch
+      // column x (as the CPU default: a non-finite G stays on the pixels its bin touches)
       const acc_t inv_count = acc_t(1) / g.count;
       for (int e = threadIdx.x; e < nc * ph * ww; e += kThreads) {
         const int c = e / (ph * ww), r = e % (ph * ww), p = r / ww, x = r % ww;
         const T* gk = grad + kk * g0 + (c0 + c) * g1 + p * g2;
         acc_t v = acc_t(0);
-        for (int q = 0; q < pw; ++q) v += static_cast<acc_t>(gk[q * g3]) * inv_count * wx[q * E + x];
+        for (int q = 0; q < pw; ++q) {
+          const acc_t w = wx[q * E + x];
+          const acc_t gv = static_cast<acc_t>(gk[q * g3]) * inv_count;
+          if (w != acc_t(0) && gv != acc_t(0)) v += gv * w;
+        }
         t1[(c * ph + p) * E + x] = v;
       }
       __syncthreads();
-      // acc[c][y][x] += sum_p Wy[p][y] t1[c][p][x]
+      // acc[c][y][x] += Wy[p][y] t1[c][p][x] for the bins p whose samples touch row y, in order
       for (int e = threadIdx.x; e < nc * hh * ww; e += kThreads) {
         const int c = e / (hh * ww), r = e % (hh * ww), y = r / ww, x = r % ww;
-        acc_t v = acc_t(0);
-        for (int p = 0; p < ph; ++p) v += wy[p * E + y] * t1[(c * ph + p) * E + x];
-        acc[(c * E + (ya - y0 + y)) * E + (xa - x0 + x)] += v;
+        acc_t& a = acc[(c * E + (ya - y0 + y)) * E + (xa - x0 + x)];
+        for (int p = 0; p < ph; ++p) {
+          const acc_t w = wy[p * E + y];
+          if (w != acc_t(0)) a += w * t1[(c * ph + p) * E + x];
+        }
       }
       __syncthreads();
     }
   }
+  // the zero-fill and the accumulation map threads to elements differently from the write-out;
+  // with no RoI (K = 0, an empty bucket) no barrier of the loop separates them
+  __syncthreads();
   // every element of the tile written once, RoIs or not
   T* plane = out.data[l];
   for (int e = threadIdx.x; e < nc * th * tw; e += kThreads) {
