@@ -81,21 +81,25 @@ def build(variant="asan", extra=(), jobs=2, verbose=False):
         + glob.glob(os.path.join(HERE, "include", "**", "*.h"), recursive=True)))
     jobs_list = []
     for rel, text in sources(extra):
-        key = hashlib.sha256((cxx + " ".join(cflags) + headers + text).encode()).hexdigest()[:20]
+        flags = cflags
+        if variant == "tsan" and rel.endswith("runtime.cpp"):
+            # the scheduler itself stays uninstrumented (see runtime.cpp)
+            flags = [f for f in cflags if f not in SANITIZE["tsan"]] + ["-DCUDASIM_TSAN=1"]
+        key = hashlib.sha256((cxx + " ".join(flags) + headers + text).encode()).hexdigest()[:20]
         stem = rel.replace(os.sep, "_").replace(".", "_")
         src = os.path.join(out_dir, "gen", stem + ".cpp")
         obj = os.path.join(out_dir, f"{stem}-{key}.o")
-        jobs_list.append((rel, text, src, obj))
+        jobs_list.append((rel, text, src, obj, flags))
 
     def compile_one(job):
-        rel, text, src, obj = job
+        rel, text, src, obj, flags = job
         if os.path.exists(obj):
             return obj
         for stale in glob.glob(obj.rsplit("-", 1)[0] + "-*.o"):
             os.remove(stale)
         with open(src, "w") as f:
             f.write(text)
-        cmd = [cxx] + cflags + ["-c", src, "-o", obj + ".tmp"]
+        cmd = [cxx] + flags + ["-c", src, "-o", obj + ".tmp"]
         if verbose:
             print(" ".join(cmd), file=sys.stderr)
         r = subprocess.run(cmd, capture_output=True, text=True)

@@ -29,7 +29,8 @@ def env(variant, base=None):
         e["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1"
     elif variant == "tsan":
         e["LD_PRELOAD"] = f"{_runtime('libtsan.so')} {_runtime('libstdc++.so')}"
-        e["TSAN_OPTIONS"] = "halt_on_error=1:report_signal_unsafe=0:exitcode=66"
+        supp = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tsan.supp")
+        e["TSAN_OPTIONS"] = f"halt_on_error=1:report_signal_unsafe=0:exitcode=66:suppressions={supp}"
     e["OMP_NUM_THREADS"] = "1"  # the executor is single-threaded; torch's CPU ops need no more
     return e
 

@@ -23,9 +23,11 @@
 #include <sanitizer/common_interface_defs.h>
 #define CUDASIM_ASAN 1
 #endif
-#if defined(__SANITIZE_THREAD__)
+// The tsan build compiles this file uninstrumented with CUDASIM_TSAN=1 (build.py): the
+// scheduler's own hand-offs (index registers, fiber states) are not CUDA accesses, and only the
+// orderings CUDA guarantees are told to ThreadSanitizer, through its fiber and sync interface.
+#if CUDASIM_TSAN
 #include <sanitizer/tsan_interface.h>
-#define CUDASIM_TSAN 1
 #endif
 
 // Fiber switch without the signal-mask system calls of swapcontext (x86-64 System V): saves the
@@ -143,6 +145,7 @@ struct Run {
   void* tsan_host = nullptr;
   char* block_sync = nullptr;  // per block: [0] its barrier, [1 + w] warp w's collectives
   char launch_sync = 0;
+  char launch_start = 0;
 #endif
 } g_run;
 
@@ -220,6 +223,9 @@ extern "C" void cudasim_fiber_entry(void* fiber) {
 #if CUDASIM_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &g_run.host_stack, &g_run.host_stack_size);
 #endif
+#if CUDASIM_TSAN
+  __tsan_acquire(&g_run.launch_start);
+#endif
   try {
     g_run.body(g_run.ctx);
   } catch (const std::exception& e) {
@@ -260,12 +266,33 @@ void resume(Fiber& f) {
   r.current = nullptr;
 }
 
+std::vector<void*> g_freed_at_launch_end;  // tsan: see free_shared
+
 void free_shared() {
-  for (auto& s : g_run.shared) std::free(s.ptr);
+  for (auto& s : g_run.shared) {
+#if CUDASIM_TSAN
+    // freeing is a write; only the launch's end orders the block's accesses before it (an
+    // earlier ordering would also order this block before the next one)
+    g_freed_at_launch_end.push_back(s.ptr);
+#else
+    std::free(s.ptr);
+#endif
+  }
   g_run.shared.clear();
+#if CUDASIM_TSAN
+  g_freed_at_launch_end.push_back(g_run.dynamic);
+#else
   std::free(g_run.dynamic);
+#endif
   g_run.dynamic = nullptr;
   g_run.static_bytes = 0;
+}
+
+void* map_stack() {
+  void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) throw std::runtime_error("cudasim: no memory for fiber stacks");
+  return p;
 }
 
 std::vector<size_t> ordered(size_t n, Schedule s) {
@@ -418,6 +445,7 @@ void run_block(unsigned bx, unsigned by, unsigned bz) {
   for (size_t i = 0; i < n; ++i) {
     Fiber& f = r.fibers[i];
     f.state = State::Runnable;
+
 #if CUDASIM_ASAN
     // the frames of the stack's last fiber ended by a switch, not a return: their redzones stay
     __asan_unpoison_memory_region(static_cast<char*>(f.stack) + kStackBytes - kEntryFrameBytes,
@@ -435,9 +463,6 @@ void run_block(unsigned bx, unsigned by, unsigned bz) {
     *--top = 0;          // r15
     *--top = g_fp_control;  // MXCSR (low half), x87 control word (high half)
     f.sp = top;
-#if CUDASIM_TSAN
-    f.tsan_fiber = __tsan_create_fiber(0);
-#endif
   }
 #if CUDASIM_TSAN
   r.block_sync = new char[33];  // fresh addresses: blocks do not synchronise with each other
@@ -479,7 +504,6 @@ void run_block(unsigned bx, unsigned by, unsigned bz) {
   }
 done:
 #if CUDASIM_TSAN
-  for (Fiber& f : r.fibers) __tsan_destroy_fiber(f.tsan_fiber);
   delete[] r.block_sync;
 #endif
   free_shared();
@@ -544,13 +568,19 @@ void run_launch(const KernelInfo& info, const LaunchConfig& cfg, const void* ker
       // the shadow outlives the mapping: memory mapped here later must not look like a stack
       __asan_unpoison_memory_region(f.stack, kStackBytes);
 #endif
+#if CUDASIM_TSAN
+      __tsan_destroy_fiber(f.tsan_fiber);
+#endif
       munmap(f.stack, kStackBytes);
     }
     r.fibers.assign(n, Fiber{});
     for (Fiber& f : r.fibers) {
-      f.stack = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-      if (f.stack == MAP_FAILED) throw std::runtime_error("cudasim: no memory for fiber stacks");
+      f.stack = map_stack();
+#if CUDASIM_TSAN
+      // one ThreadSanitizer fiber per stack, kept across blocks: its accesses to its own stack
+      // are program-ordered (the price: lane i of one block is ordered before lane i of the next)
+      f.tsan_fiber = __tsan_create_fiber(0);
+#endif
     }
   }
   for (size_t i = 0; i < n; ++i) {
@@ -571,6 +601,7 @@ void run_launch(const KernelInfo& info, const LaunchConfig& cfg, const void* ker
   }
 #if CUDASIM_TSAN
   r.tsan_host = __tsan_get_current_fiber();
+  __tsan_release(&r.launch_start);  // what the host did before the launch precedes every thread
 #endif
   const uint64_t blocks = uint64_t(cfg.grid.x) * cfg.grid.y * cfg.grid.z;
   std::vector<size_t> order;
@@ -584,12 +615,20 @@ void run_launch(const KernelInfo& info, const LaunchConfig& cfg, const void* ker
   }
 #if CUDASIM_TSAN
   __tsan_acquire(&r.launch_sync);  // launches on one stream are ordered
+  for (void* p : g_freed_at_launch_end) std::free(p);
+  g_freed_at_launch_end.clear();
 #endif
   g_opt.launches += 1;
   if (!r.error.empty()) {
 #if CUDASIM_ASAN
     // abandoned fibers leave poisoned frames anywhere on their stacks
     for (Fiber& f : r.fibers) __asan_unpoison_memory_region(f.stack, kStackBytes);
+#endif
+#if CUDASIM_TSAN
+    for (Fiber& f : r.fibers) {  // and unfinished call stacks
+      __tsan_destroy_fiber(f.tsan_fiber);
+      f.tsan_fiber = __tsan_create_fiber(0);
+    }
 #endif
     std::string msg = "cudasim: kernel " + std::string(info.name) + " (launched at " +
                       where(info.file, info.line) + ", grid " + dims(cfg.grid) + ", block " +
@@ -601,8 +640,18 @@ void run_launch(const KernelInfo& info, const LaunchConfig& cfg, const void* ker
 
 void* shared_allocation(int site, size_t type_hash, size_t bytes, size_t align) {
   Run& r = g_run;
-  for (auto& s : r.shared)
-    if (s.site == site && s.type_hash == type_hash) return s.ptr;
+  for (auto& s : r.shared) {
+    if (s.site == site && s.type_hash == type_hash) {
+#if CUDASIM_TSAN
+      __tsan_acquire(s.ptr);  // the allocation precedes every thread's use
+#endif
+      return s.ptr;
+    }
+  }
+#if CUDASIM_TSAN
+  // allocated by the block (the host fiber), not by the first thread that declares it
+  __tsan_switch_to_fiber(r.tsan_host, __tsan_switch_to_fiber_no_sync);
+#endif
   r.static_bytes += bytes;
   if (r.static_bytes + r.cfg->dynamic_smem > r.smem_limit)
     fail_in_fiber("static (" + std::to_string(r.static_bytes) + " bytes) plus dynamic (" +
@@ -611,6 +660,11 @@ void* shared_allocation(int site, size_t type_hash, size_t bytes, size_t align) 
   void* p = std::aligned_alloc(std::max<size_t>(align, 16), (bytes + 15) / 16 * 16);
   fill_garbage(p, bytes);
   r.shared.push_back({site, type_hash, p, bytes});
+#if CUDASIM_TSAN
+  __tsan_release(p);
+  __tsan_switch_to_fiber(r.current->tsan_fiber, __tsan_switch_to_fiber_no_sync);
+  __tsan_acquire(p);
+#endif
   return p;
 }
 
