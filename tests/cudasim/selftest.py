@@ -1,7 +1,8 @@
-"""Runs one planted-defect kernel of selftest.cu on the executor and prints what happened as JSON:
-{"schedule:seed": {"out": [...]} or {"error": "..."}} for each schedule and fill mode asked.
+"""Runs planted-defect kernels of selftest.cu on the executor and prints what happened as JSON:
+{case: {"schedule:seed:fill": {"out": [...]} or {"error": "..."}}} for each case, schedule and
+fill mode asked.
 
-  CUDASIM_LIB=<library> python tests/cudasim/selftest.py CASE [schedule:seed:fill ...]
+  CUDASIM_LIB=<library> python tests/cudasim/selftest.py CASE[,CASE...] [schedule:seed:fill ...]
 
 A memory or race defect ends the process with the sanitizer's report instead (that is the check).
 """
@@ -17,18 +18,19 @@ import runner  # noqa: E402
 
 def main(argv):
     runner.load(os.environ["CUDASIM_LIB"])
-    case = argv[1]
     runs = argv[2:] or ["forward:0:random"]
     result = {}
-    for run in runs:
-        schedule, seed, fill = run.split(":")
-        runner.configure(schedule, int(seed), fill)
-        out = torch.zeros(128, dtype=torch.int32, device="cudasim")
-        try:
-            got = torch.ops.cudasim_selftest.run(case, out).cpu()
-            result[run] = {"out": got[:64].tolist()}
-        except RuntimeError as e:
-            result[run] = {"error": str(e).splitlines()[0]}
+    for case in argv[1].split(","):
+        result[case] = {}
+        for run in runs:
+            schedule, seed, fill = run.split(":")
+            runner.configure(schedule, int(seed), fill)
+            out = torch.zeros(128, dtype=torch.int32, device="cudasim")
+            try:
+                got = torch.ops.cudasim_selftest.run(case, out).cpu()
+                result[case][run] = {"out": got[:64].tolist()}
+            except RuntimeError as e:
+                result[case][run] = {"error": str(e).splitlines()[0]}
     print(json.dumps(result))
 
 
