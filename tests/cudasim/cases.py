@@ -431,6 +431,13 @@ def test_edges_dtypes(s_dtype, t_dtype):
     edge_check([4, 7], 24, s_dtype, t_dtype)
 
 
+@pytest.mark.parametrize("counts", [[], [0, 0]])
+def test_edges_no_nodes_mixed_dtypes(counts):
+    """N = 0 with a float16 student and a float64 teacher (every op and both offset places)."""
+    edge_check(counts, 5, torch.float16, torch.float64)
+    edge_check(counts, 5, torch.float16, torch.float64, device_offsets=True)
+
+
 @pytest.mark.parametrize("s_dtype,f_dtype", [(torch.float16, torch.float64),
                                              (torch.float32, torch.float64),
                                              (torch.bfloat16, torch.float32)])
