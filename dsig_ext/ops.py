@@ -1,5 +1,6 @@
 """Public functional API of dsig_ext: each function runs the fused op or its reference twin,
 as selected by ``set_backend`` or its ``backend=`` argument."""
+import operator
 from typing import List, Sequence, Union
 
 import torch
@@ -17,6 +18,39 @@ def _pair(size):
 
 def _boxes_tensor(b) -> torch.Tensor:
     return b.tensor if hasattr(b, "tensor") else b  # detectron2 Boxes or a plain tensor
+
+
+def _shape(t) -> str:
+    return str(list(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_nodes(op: str, name: str, t) -> None:
+    """Node features [N, D], checked here so that both backends say what the op says."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor [N, D], got {_shape(t)}")
+    if t.dim() != 2:
+        raise RuntimeError(f"{op}: {name} must be [N, D], got {_shape(t)}")
+
+
+def _as_offsets(op: str, offsets) -> torch.Tensor:
+    """A tensor as it is (the op checks it); a list / tuple of ints becomes a CPU int64 tensor,
+    the place the op checks for free and reads without a sync."""
+    if isinstance(offsets, torch.Tensor):
+        return offsets
+    if isinstance(offsets, (list, tuple)):
+        values = []
+        for g, v in enumerate(offsets):
+            try:
+                if isinstance(v, bool):
+                    raise TypeError
+                values.append(operator.index(v))
+            except TypeError:
+                raise TypeError(f"{op}: offsets[{g}] must be an int, got {v!r}") from None
+        return torch.tensor(values, dtype=torch.int64)
+    raise TypeError(f"{op}: offsets must be an int64 tensor [G + 1] or a list of ints "
+                    f"[0, ..., N] (graph g = rows offsets[g]:offsets[g+1]; one graph of all N "
+                    f"rows: [0, N]; offsets_from_counts makes them from node counts), got "
+                    f"{type(offsets).__name__}")
 
 
 def convert_boxes_to_rois(box_lists: BoxList) -> torch.Tensor:
@@ -134,11 +168,22 @@ def multilevel_roi_align(features: Sequence[torch.Tensor],
     Returns:
         [K, C, oh, ow]: ``torchvision.ops.roi_align`` of each RoI on its level.
     """
-    if isinstance(rois, (list, tuple)):
-        rois = convert_boxes_to_rois(rois)
+    if isinstance(features, torch.Tensor):  # list() would split it into its images
+        raise TypeError(f"multilevel_roi_align: features must be a list of L tensors "
+                        f"[B, C, H, W], got one tensor {_shape(features)}; for one level pass "
+                        f"[features]")
     features = list(features)
     if not features:
         raise ValueError("multilevel_roi_align: features must hold at least one level")
+    for i, f in enumerate(features):  # before the boxes: their checks read the batch size
+        if not isinstance(f, torch.Tensor):
+            raise TypeError(f"multilevel_roi_align: features[{i}] must be a tensor "
+                            f"[B, C, H, W], got {_shape(f)}")
+        if f.dim() != 4:
+            raise RuntimeError(f"multilevel_roi_align: features[{i}] must be [B, C, H, W], "
+                               f"got {_shape(f)}")
+    if isinstance(rois, (list, tuple)):
+        rois = convert_boxes_to_rois(rois)
     oh, ow = _pair(output_size)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -167,13 +212,16 @@ def cosine_edges(x: torch.Tensor, offsets: torch.Tensor, eps: float = 1e-12, *,
     (``F.normalize`` semantics, ``max(||x||, eps)``), zero between graphs; ``graph_blocks``
     splits it. With ``zero_dead_rows`` rows of norm < eps get no gradient. ``offsets`` may live
     on the CPU (checked for free, never copied) or on the features' GPU (``check_inputs`` then
-    reads them back once; see ``edge_mse_loss``).
+    reads them back once; see ``edge_mse_loss``); a list or tuple of ints is taken as CPU
+    offsets.
     """
+    _check_nodes("cosine_edges", "x", x)
+    offsets = _as_offsets("cosine_edges", offsets)
     if resolve(backend) == "reference":
         return reference.cosine_edges(x, offsets, eps, zero_dead_rows)
     require_extension()
     if check_inputs and _checks_allowed(x.device):
-        _check_offsets_values("cosine_edges", offsets, x.shape[0] if x.dim() else 0)
+        _check_offsets_values("cosine_edges", offsets, x.shape[0])
     return torch.ops.dsig.cosine_edges(x, offsets, float(eps), bool(zero_dead_rows))
 
 
@@ -184,7 +232,13 @@ def edge_mse_loss(student: torch.Tensor, teacher: torch.Tensor, offsets: torch.T
 
     ``student`` and ``teacher`` are [N, D] node features, graph g the rows
     ``offsets[g]:offsets[g+1]``; graphs of 0 or 1 nodes are valid. The backward is one product
-    ``dX = M X`` over all graphs, with M formed in the forward.
+    ``dX = M X`` over all graphs, with M formed in the forward. ``offsets``: an int64 (int32)
+    tensor [G + 1] or a list / tuple of ints (taken as CPU offsets).
+
+    ``student`` and ``teacher`` must share one dtype: a mix is refused (``TypeError``) rather
+    than computed in the wider dtype, which would silently decide the loss's precision and dtype
+    (a mix usually means one network ran in another precision than meant). The raw op
+    ``torch.ops.dsig.edge_mse_loss`` does promote to the wider dtype.
 
     On a GPU neither direction waits for the host when ``offsets`` is a CPU tensor (as DSIG
     has it: the node counts are known on the host; they reach the kernels as launch arguments)
@@ -193,25 +247,47 @@ def edge_mse_loss(student: torch.Tensor, teacher: torch.Tensor, offsets: torch.T
     read-back to validate them. The products accumulate in fp32 (fp64 for float64) without
     cuBLAS: ``allow_tf32`` does not change them, and they are bitwise reproducible.
     """
+    _check_nodes("edge_mse_loss", "student", student)
+    _check_nodes("edge_mse_loss", "teacher", teacher)
+    if student.dtype != teacher.dtype:
+        raise TypeError(f"edge_mse_loss: student is {student.dtype} but teacher is "
+                        f"{teacher.dtype}; cast one to the other (e.g. "
+                        f"teacher.to(student.dtype)) so that the loss is computed in the "
+                        f"precision you chose")
+    offsets = _as_offsets("edge_mse_loss", offsets)
     if resolve(backend) == "reference":
         return reference.edge_mse_loss(student, teacher, offsets, eps, zero_dead_rows)
     require_extension()
     if check_inputs and _checks_allowed(student.device):
-        _check_offsets_values("edge_mse_loss", offsets,
-                              student.shape[0] if student.dim() else 0)
+        _check_offsets_values("edge_mse_loss", offsets, student.shape[0])
     return torch.ops.dsig.edge_mse_loss(student, teacher, offsets, float(eps),
                                         bool(zero_dead_rows))
 
 
 def graph_blocks(matrix: torch.Tensor, offsets: torch.Tensor) -> List[torch.Tensor]:
     """The per-graph diagonal blocks of a block-diagonal [N, N] matrix (views)."""
-    o = offsets.tolist()
+    o = _as_offsets("graph_blocks", offsets).tolist()
     return [matrix[a:b, a:b] for a, b in zip(o[:-1], o[1:])]
 
 
 def offsets_from_counts(counts: Sequence[int], device=None) -> torch.Tensor:
-    """[n_0, n_1, ...] -> int64 offsets [0, n_0, n_0 + n_1, ...]."""
-    out = torch.zeros(len(counts) + 1, dtype=torch.int64, device=device)
-    if len(counts):
-        out[1:] = torch.cumsum(torch.as_tensor(list(counts), dtype=torch.int64), 0).to(out.device)
+    """[n_0, n_1, ...] (ints >= 0: nodes per graph) -> int64 offsets [0, n_0, n_0 + n_1, ...]."""
+    if isinstance(counts, torch.Tensor) and counts.dim() != 1:
+        raise ValueError(f"offsets_from_counts: counts must be 1-D, got {_shape(counts)}")
+    values = []
+    for g, n in enumerate(counts):
+        try:
+            if isinstance(n, bool):
+                raise TypeError
+            n = operator.index(n)
+        except TypeError:
+            raise TypeError(f"offsets_from_counts: counts[{g}] must be an int, got {n!r}") \
+                from None
+        if n < 0:
+            raise ValueError(f"offsets_from_counts: counts[{g}] = {n}: a graph cannot have a "
+                             f"negative number of nodes")
+        values.append(n)
+    out = torch.zeros(len(values) + 1, dtype=torch.int64, device=device)
+    if values:
+        out[1:] = torch.cumsum(torch.tensor(values, dtype=torch.int64), 0).to(out.device)
     return out

@@ -75,6 +75,10 @@ class MultiLevelRoIAlign(nn.Module):
         if len(x) != len(self.scales):
             raise ValueError(f"MultiLevelRoIAlign: got {len(x)} feature maps for "
                              f"{len(self.scales)} scales")
+        for i, f in enumerate(x):  # the box count below reads the batch size
+            if not isinstance(f, torch.Tensor) or f.dim() != 4:
+                raise ValueError(f"MultiLevelRoIAlign: x[{i}] must be a feature map "
+                                 f"[B, C, H, W], got {ops._shape(f)}")
         if len(box_lists) != x[0].shape[0]:
             raise ValueError(f"MultiLevelRoIAlign: got boxes for {len(box_lists)} images but the "
                              f"features hold {x[0].shape[0]}")

@@ -272,3 +272,76 @@ def test_device_mix_raises():
     xs, xt, offsets = make_graphs([4, 6], 5)
     with pytest.raises(RuntimeError, match="teacher is on"):
         dsig_ext.edge_mse_loss(xs.cuda(), xt, offsets)
+
+
+# --- the Python layer: offsets as lists, argument types, dtype mixes (#22) -----------------------
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_offsets_as_a_list_of_ints(backend):
+    """A list / tuple of ints is taken as CPU int64 offsets (numpy ints and int 0-d tensors too)."""
+    xs, xt, offsets = make_graphs([4, 6], 5)
+    want = dsig_ext.edge_mse_loss(xs, xt, offsets, backend=backend)
+    for given in ([0, 4, 10], (0, 4, 10), [np.int64(0), torch.tensor(4), 10]):
+        assert torch.equal(dsig_ext.edge_mse_loss(xs, xt, given, backend=backend), want)
+        assert torch.equal(dsig_ext.cosine_edges(xs, given, backend=backend),
+                           dsig_ext.cosine_edges(xs, offsets, backend=backend))
+    blocks = dsig_ext.graph_blocks(dsig_ext.cosine_edges(xs, offsets), [0, 4, 10])
+    assert [tuple(b.shape) for b in blocks] == [(4, 4), (6, 6)]
+    with pytest.raises(RuntimeError, match="must end at N = 10"):
+        dsig_ext.edge_mse_loss(xs, xt, [0, 4, 9], backend="fused")
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("offsets, error, match", [
+    (None, TypeError, r"cosine_edges: offsets must be an int64 tensor \[G \+ 1\] or a list of "
+                      r"ints .* got NoneType"),
+    ("0,4,10", TypeError, "got str"),
+    ([0, 4.0, 10], TypeError, r"offsets\[1\] must be an int, got 4.0"),
+    ([0, True, 10], TypeError, r"offsets\[1\] must be an int, got True"),
+])
+def test_offsets_of_the_wrong_type(backend, offsets, error, match):
+    xs, xt, _ = make_graphs([4, 6], 5)
+    with pytest.raises(error, match=match):
+        dsig_ext.cosine_edges(xs, offsets, backend=backend)
+    with pytest.raises(error, match=match.replace("cosine_edges", "edge_mse_loss")):
+        dsig_ext.edge_mse_loss(xs, xt, offsets, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_node_features_of_the_wrong_type_or_rank(backend):
+    """Both backends give the op's message (the reference one used to fail inside its loop)."""
+    xs, xt, offsets = make_graphs([4, 6], 5)
+    with pytest.raises(TypeError, match=r"edge_mse_loss: teacher must be a tensor \[N, D\], "
+                                        r"got list"):
+        dsig_ext.edge_mse_loss(xs, xt.tolist(), offsets, backend=backend)
+    with pytest.raises(RuntimeError, match=r"edge_mse_loss: student must be \[N, D\], "
+                                           r"got \[1, 10, 5\]"):
+        dsig_ext.edge_mse_loss(xs[None], xt, offsets, backend=backend)
+    with pytest.raises(RuntimeError, match=r"cosine_edges: x must be \[N, D\], got \[10\]"):
+        dsig_ext.cosine_edges(xs[:, 0], offsets, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("s_dtype, t_dtype", [(torch.float64, torch.float32),
+                                              (torch.float32, torch.bfloat16)])
+def test_student_teacher_dtype_mix_is_refused(backend, s_dtype, t_dtype):
+    """The op itself would promote to the wider dtype; the Python API refuses the mix."""
+    xs, xt, offsets = make_graphs([4, 6], 5)
+    with pytest.raises(TypeError, match=f"edge_mse_loss: student is {s_dtype} but teacher is "
+                                        f"{t_dtype}; cast one to the other"):
+        dsig_ext.edge_mse_loss(xs.to(s_dtype), xt.to(t_dtype), offsets, backend=backend)
+    assert "refused" in dsig_ext.edge_mse_loss.__doc__
+
+
+def test_offsets_from_counts_checks_its_counts():
+    assert dsig_ext.offsets_from_counts([3, 0, 2]).tolist() == [0, 3, 3, 5]
+    assert dsig_ext.offsets_from_counts(torch.tensor([3, 2])).tolist() == [0, 3, 5]
+    assert dsig_ext.offsets_from_counts([]).tolist() == [0]
+    with pytest.raises(ValueError, match=r"counts\[1\] = -1: a graph cannot have a negative"):
+        dsig_ext.offsets_from_counts([3, -1])
+    with pytest.raises(TypeError, match=r"counts\[1\] must be an int, got 2.5"):
+        dsig_ext.offsets_from_counts([3, 2.5])
+    with pytest.raises(TypeError, match=r"counts\[0\] must be an int"):
+        dsig_ext.offsets_from_counts(torch.tensor([3.0]))
+    with pytest.raises(ValueError, match=r"counts must be 1-D, got \[1, 2\]"):
+        dsig_ext.offsets_from_counts(torch.tensor([[3, 2]]))

@@ -476,3 +476,26 @@ def test_value_checks_only_when_asked_and_never_in_capture(monkeypatch):
     dsig_ext.multilevel_roi_align(meta, rois.to("meta"), levels.to("meta"), SCALES, 7)
     dsig_ext.edge_mse_loss(xs, xs, offsets)
     assert calls == []
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_features_of_the_wrong_rank_are_named_before_the_boxes(backend):
+    """A 3-D map used to get a message about boxes per image (or a raw index error); a single
+    tensor used to be split into its images by list()."""
+    feats, rois, levels = _valid_args()
+    boxes = [rois[:1, 1:], rois[1:, 1:]]
+    with pytest.raises(RuntimeError, match=r"features\[0\] must be \[B, C, H, W\], "
+                                           r"got \[3, 8, 8\]"):
+        dsig_ext.multilevel_roi_align([feats[0][0]], boxes, levels[:1] * 0, SCALES[:1], 7,
+                                      backend=backend)
+    with pytest.raises(TypeError, match=r"features must be a list of L tensors \[B, C, H, W\], "
+                                        r"got one tensor \[2, 3, 8, 8\]; for one level pass "
+                                        r"\[features\]"):
+        dsig_ext.multilevel_roi_align(feats[0], rois, levels * 0, SCALES[:1], 7, backend=backend)
+    with pytest.raises(TypeError, match=r"features\[1\] must be a tensor"):
+        dsig_ext.multilevel_roi_align([feats[0], None], rois, levels, SCALES[:2], 7,
+                                      backend=backend)
+    pooler = dsig_ext.MultiLevelRoIAlign(7, [1 / 4], 0, backend=backend)
+    with pytest.raises(ValueError, match=r"x\[0\] must be a feature map \[B, C, H, W\], "
+                                         r"got \[3, 8, 8\]"):
+        pooler([feats[0][0]], boxes)
