@@ -11,9 +11,10 @@ per-graph loop vs dsig_ext.edge_mse_loss.
 On CUDA it also times each kernel alone (forward, atomic and deterministic backward, edge loss
 forward + backward) next to its H100 roofline floor (benchmarks/roofline.py).
 
-Writes bench_ops_<tag>.{json,md,png} (machine and versions stamped) to --out.
+Writes bench_ops_<tag>.{json,md,png} (machine and versions stamped) to --out (default
+output/benchmarks/; --out benchmarks/results rewrites the committed results).
 Usage: python benchmarks/bench_ops.py [--device cpu|cuda] [--batches B ...]
-       [--dtypes float32 bfloat16] [--repeat R] [--out DIR]
+       [--dtypes float32 bfloat16] [--repeat R] [--warmup W] [--out DIR]
 """
 import argparse
 import math
@@ -28,7 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import dsig_ext  # noqa: E402
 import roofline  # noqa: E402
-from common import machine_name, versions, write_results  # noqa: E402
+from common import (add_out_argument, at_least, machine_name, versions,  # noqa: E402
+                    write_results)
 
 SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
 IMAGE_HW = (800, 1333)
@@ -300,27 +302,32 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         choices=["cpu", "cuda"])
-    parser.add_argument("--batches", type=int, nargs="+", default=None,
+    parser.add_argument("--batches", type=at_least(1), nargs="+", default=None,
                         help="images per batch (default 2 on the CPU, 2 and 8 on a GPU)")
-    parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=at_least(1), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dtypes", nargs="+", default=None, choices=sorted(DTYPES),
                         help="feature dtypes (default float32 on the CPU, float32 and bfloat16 "
                              "on a GPU)")
-    parser.add_argument("--repeat", type=int, default=None)
-    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--repeat", type=at_least(1), default=None,
+                        help="timed runs per row, median reported (default 5 on the CPU, 30 on "
+                             "a GPU)")
+    parser.add_argument("--warmup", type=at_least(0), default=None,
+                        help="untimed runs first (default 1 on the CPU, 5 on a GPU; 0 allowed)")
     parser.add_argument("--no-kernels", action="store_true",
                         help="skip the per-kernel roofline table (timed on CUDA only)")
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    add_out_argument(parser)
     parser.add_argument("--tag", default=None, help="file name suffix (default: the device)")
     args = parser.parse_args(argv)
-    if (args.repeat is not None and args.repeat < 1) or any(b < 1 for b in args.batches or []):
-        parser.error("--repeat and --batches must be at least 1")
     gpu = args.device == "cuda"
+    # defaults only where no value was given: an explicit 0 warm-up runs stays 0
     if args.batches is None:
-        args.batches = [args.batch] if args.batch else ([2, 8] if gpu else [2])
-    args.dtypes = args.dtypes or (["float32", "bfloat16"] if gpu else ["float32"])
-    args.repeat = args.repeat or (30 if gpu else 5)
-    args.warmup = args.warmup or (5 if gpu else 1)
+        args.batches = [args.batch] if args.batch is not None else ([2, 8] if gpu else [2])
+    if args.dtypes is None:
+        args.dtypes = ["float32", "bfloat16"] if gpu else ["float32"]
+    if args.repeat is None:
+        args.repeat = 30 if gpu else 5
+    if args.warmup is None:
+        args.warmup = 5 if gpu else 1
     return args
 
 

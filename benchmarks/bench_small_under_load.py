@@ -8,7 +8,8 @@ tiny inputs (3 RoIs on one 4x16x16 level; 2 graphs of 5 nodes with 16 features),
 with its baseline, while --load busy processes spin; median and 90th percentile per call.
 
 Usage: python benchmarks/bench_small_under_load.py [--threads 2] [--load 2] [--calls 300]
-Writes bench_small_under_load_cpu.{json,md}.
+Writes bench_small_under_load_<tag>.{json,md} to --out (default output/benchmarks/;
+--out benchmarks/results rewrites the committed results).
 """
 import argparse
 import multiprocessing as mp
@@ -23,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dsig_ext  # noqa: E402
-from common import machine_name, write_results  # noqa: E402
+from common import add_out_argument, at_least, machine_name, write_results  # noqa: E402
 
 
 def spin(stop, kind):
@@ -134,20 +135,19 @@ def markdown(result):
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--load", type=int, default=2, help="busy processes during the timing")
+    p.add_argument("--threads", type=at_least(1), default=2)
+    p.add_argument("--load", type=at_least(0), default=2, help="busy processes during the timing")
     p.add_argument("--load-kind", default="torch", choices=["torch", "python"])
-    p.add_argument("--calls", type=int, default=300)
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--calls", type=at_least(1), default=300)
+    add_out_argument(p)
     p.add_argument("--tag", default="cpu")
-    a = p.parse_args(argv)
-    for name in ("threads", "calls"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name} must be at least 1")
-    if a.load < 0:
-        p.error("--load must be >= 0")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
     torch.set_num_threads(a.threads)
     stop = mp.Event()
     workers = [mp.Process(target=spin, args=(stop, a.load_kind), daemon=True)

@@ -15,7 +15,8 @@ CPU the input is reduced (--size, default 320x480) and the batch is 2 images; on
 finite); random images with a few boxes.
 
 Writes bench_train_step_<device>.{json,md,png} to --out (_<H>x<W> added for a --size other
-than the device's default).
+than the device's default; default output/benchmarks/, --out benchmarks/results rewrites the
+committed results).
 """
 import argparse
 import json
@@ -27,7 +28,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_name, write_results  # noqa: E402
+from common import add_out_argument, at_least, machine_name, write_results  # noqa: E402
 
 PROJECT = os.path.join(ROOT, "projects", "Distillation")
 CONFIGS = [
@@ -242,24 +243,31 @@ def plot(result, path):
     plt.close(fig)
 
 
-def main():
+def parse_args(argv=None):
     import torch
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"))
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--size", type=at_least(1), nargs=2, default=None, metavar=("H", "W"))
+    p.add_argument("--batch", type=at_least(1), default=2)
+    p.add_argument("--iters", type=at_least(1), default=None,
+                   help="timed steps per variant (default 5 on the CPU, 20 on a GPU)")
+    p.add_argument("--warmup", type=at_least(0), default=1)
     p.add_argument("--configs", nargs="*", default=CONFIGS)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="also time (e), float16 autocast (default: on CUDA only)")
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    add_out_argument(p)
     p.add_argument("--one", metavar="CONFIG", help=argparse.SUPPRESS)
-    a = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    import torch
+
+    a = parse_args(argv)
     default_size = [800, 1333] if a.device == "cuda" else [320, 480]
     size = a.size or default_size
-    iters = a.iters or (20 if a.device == "cuda" else 5)
+    iters = a.iters if a.iters is not None else (20 if a.device == "cuda" else 5)
     variants = VARIANTS + ([AMP_VARIANT] if (a.device == "cuda" if a.amp is None else a.amp)
                            else [])
     if a.one:  # child process: one config's measurements as JSON on the last line

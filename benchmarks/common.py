@@ -1,6 +1,34 @@
-"""Shared by the benchmark scripts: the machine's name for the result stamps."""
+"""Shared by the benchmark scripts: where results go, argument types, the machine's name for
+the result stamps."""
+import argparse
 import os
 import platform
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A run writes to a scratch folder (git-ignored) unless told otherwise, so that trying a
+# benchmark never overwrites the committed results in benchmarks/results.
+SCRATCH_OUT = os.path.join(ROOT, "output", "benchmarks")
+COMMITTED_OUT = os.path.join(ROOT, "benchmarks", "results")
+
+
+def add_out_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=SCRATCH_OUT,
+                        help="folder for the results (default output/benchmarks/, git-ignored; "
+                             "--out benchmarks/results rewrites the committed ones)")
+
+
+def at_least(minimum: int):
+    """argparse type: an int >= minimum (0 stays 0 where 0 is allowed)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = f"int >= {minimum}"  # argparse names the type in some messages
+    return parse
 
 
 def machine_name(device: str) -> str:
@@ -61,4 +89,5 @@ def write_results(out_dir: str, base_name: str, result: dict, markdown: str) -> 
     with open(base + ".md", "w") as f:
         f.write(markdown)
     print(markdown)
+    print(f"[bench] wrote {base}.json and .md")
     return base

@@ -10,7 +10,8 @@ training logs.
 
 Usage: python benchmarks/graph_sizes_demo.py --demo OUTPUT [--preset quick] [--seed 0]
 (OUTPUT: a folder where `run_demo.py --output OUTPUT` finished its teacher and DSIG student).
-Writes graph_sizes_demo.{json,md} to --out.
+Writes graph_sizes_demo.{json,md} to --out (default output/benchmarks/; --out benchmarks/results
+rewrites the committed results).
 """
 import argparse
 import os
@@ -20,8 +21,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train_step import PROJECT, ROOT  # noqa: E402
-from common import machine_name, write_results  # noqa: E402
+from bench_train_step import PROJECT  # noqa: E402
+from common import add_out_argument, at_least, machine_name, write_results  # noqa: E402
 
 
 def measure(cfg, weights, iters):
@@ -50,20 +51,22 @@ def measure(cfg, weights, iters):
     return {k: statistics.median(r[k] for r in rows) for k in ("nodes", "mined", "fg")}
 
 
-def main():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo", required=True, help="output folder of a finished demo run")
     p.add_argument("--preset", default="quick")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
-    a = p.parse_args()
+    p.add_argument("--iters", type=at_least(1), default=20)
+    add_out_argument(p)
+    return p, p.parse_args(argv)
+
+
+def main(argv=None):
+    p, a = parse_args(argv)
     sys.path.insert(0, PROJECT)
     from distillation import demo
     from distillation.training import load_config, register_datasets
 
-    if a.iters < 1:
-        p.error("--iters must be at least 1")
     if a.preset not in demo.PRESETS:
         p.error(f"--preset: choose from {sorted(demo.PRESETS)}")
     tag = demo.run_tag(a.preset)

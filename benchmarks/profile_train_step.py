@@ -9,7 +9,8 @@ term switched off, interleaved with the full step in one process. Same models, b
 calibration as bench_train_step.py (random weights, lr 0).
 
 Usage: python benchmarks/profile_train_step.py [--configs C ...] [--steps N] [--out DIR]
-Writes profile_train_step_<device>.{json,md}.
+Writes profile_train_step_<device>.{json,md} to --out (default output/benchmarks/;
+--out benchmarks/results rewrites the committed results).
 """
 import argparse
 import os
@@ -20,8 +21,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train_step import PROJECT, ROOT, prepare_variant  # noqa: E402
-from common import machine_name, write_results  # noqa: E402
+from bench_train_step import PROJECT, prepare_variant  # noqa: E402
+from common import add_out_argument, at_least, machine_name, write_results  # noqa: E402
 
 sys.path.insert(0, PROJECT)  # the distillation package
 
@@ -207,20 +208,22 @@ def markdown(result):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
-    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"))
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--size", type=at_least(1), nargs=2, default=None, metavar=("H", "W"))
+    p.add_argument("--batch", type=at_least(1), default=2)
+    p.add_argument("--steps", type=at_least(1), default=3)
+    p.add_argument("--threads", type=at_least(1), default=None,
                    help="torch threads (default: torch's choice); stamped in the results")
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
-    a = p.parse_args(argv)
-    if a.steps < 1 or a.batch < 1 or (a.threads is not None and a.threads < 1):
-        p.error("--steps, --batch and --threads must be at least 1")
-    if a.threads:
+    add_out_argument(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.threads is not None:
         torch.set_num_threads(a.threads)
     size = a.size or ([800, 1333] if a.device == "cuda" else [320, 480])
     rows = []
