@@ -144,6 +144,9 @@ def test_opted_in_dynamic_shared_memory_runs(reported):
     # UBSan sees the typed shared array's bound before ASan sees its allocation's end
     ("shared_out_of_bounds", "buf[threadIdx.x + 1] = 1;",
      "runtime error: index 64 out of bounds for type 'int [64]'"),
+    # dynamic shared memory is exactly the launch's size
+    ("dynamic_shared_out_of_bounds", "planted: past the launch's dynamic shared memory",
+     "AddressSanitizer: heap-buffer-overflow"),
 ])
 def test_out_of_bounds_access_is_caught(asan_lib, case, where, report):
     r = run(asan_lib, "asan", [os.path.join(CUDASIM, "selftest.py"), case])

@@ -288,6 +288,14 @@ void free_shared() {
   g_run.static_bytes = 0;
 }
 
+// Exactly `bytes` (not rounded up), so AddressSanitizer sees an access one past the end.
+void* exact_allocation(size_t bytes, size_t align) {
+  void* p = nullptr;
+  if (posix_memalign(&p, align, bytes ? bytes : 1) != 0)
+    throw std::runtime_error("cudasim: no memory for shared memory");
+  return p;
+}
+
 void* map_stack() {
   void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE,
                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -468,7 +476,7 @@ void run_block(unsigned bx, unsigned by, unsigned bz) {
   r.block_sync = new char[33];  // fresh addresses: blocks do not synchronise with each other
 #endif
   if (cfg.dynamic_smem > 0) {
-    r.dynamic = std::aligned_alloc(16, (cfg.dynamic_smem + 15) / 16 * 16);
+    r.dynamic = exact_allocation(cfg.dynamic_smem, 16);
     fill_garbage(r.dynamic, cfg.dynamic_smem);
   }
   for (;;) {
@@ -657,7 +665,7 @@ void* shared_allocation(int site, size_t type_hash, size_t bytes, size_t align) 
     fail_in_fiber("static (" + std::to_string(r.static_bytes) + " bytes) plus dynamic (" +
                   std::to_string(r.cfg->dynamic_smem) + " bytes) shared memory exceed the " +
                   std::to_string(r.smem_limit) + " bytes a block may use");
-  void* p = std::aligned_alloc(std::max<size_t>(align, 16), (bytes + 15) / 16 * 16);
+  void* p = exact_allocation(bytes, std::max<size_t>(align, 16));
   fill_garbage(p, bytes);
   r.shared.push_back({site, type_hash, p, bytes});
 #if CUDASIM_TSAN

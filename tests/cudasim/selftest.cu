@@ -75,6 +75,14 @@ __global__ void shared_out_of_bounds_kernel(int* out) {
   out[threadIdx.x] = buf[threadIdx.x];
 }
 
+// Writes one element past the end of the launch's dynamic shared memory.
+__global__ void dynamic_shared_out_of_bounds_kernel(int* out) {
+  extern __shared__ int dyn[];
+  dyn[threadIdx.x + 1] = 1;  // planted: past the launch's dynamic shared memory
+  __syncthreads();
+  out[threadIdx.x] = dyn[threadIdx.x];
+}
+
 // Two threads write one shared word between the same barriers (a race; the result happens to
 // be the same under every schedule, so only a race detector sees it).
 __global__ void shared_race_kernel(int* out) {
@@ -107,6 +115,8 @@ at::Tensor run(const std::string& which, const at::Tensor& out) {
   else if (which == "warp_ops") warp_ops_kernel<<<1, kBlock>>>(o);
   else if (which == "global_out_of_bounds") global_out_of_bounds_kernel<<<1, 1>>>(o, n);
   else if (which == "shared_out_of_bounds") shared_out_of_bounds_kernel<<<1, kBlock>>>(o);
+  else if (which == "dynamic_shared_out_of_bounds")
+    dynamic_shared_out_of_bounds_kernel<<<1, kBlock, kBlock * sizeof(int)>>>(o);
   else if (which == "shared_race") shared_race_kernel<<<1, kBlock>>>(o);
   else if (which == "too_many_threads") bounded_kernel<<<1, 2048>>>(o);
   else if (which == "launch_bounds") bounded_kernel<<<1, 256>>>(o);

@@ -300,10 +300,12 @@ backward_owner_kernel(OwnerOutput<T> out, const RoiFootprint<acc_t>* __restrict_
       for (int e = threadIdx.x; e < nc * hh * ww; e += kThreads) {
         const int c = e / (hh * ww), r = e % (hh * ww), y = r / ww, x = r % ww;
         acc_t& a = acc[(c * E + (ya - y0 + y)) * E + (xa - x0 + x)];
+        acc_t v = a;  // in a register: the shared arrays may alias as far as nvcc knows
         for (int p = 0; p < ph; ++p) {
           const acc_t w = wy[p * E + y];
-          if (w != acc_t(0)) a += w * t1[(c * ph + p) * E + x];
+          if (w != acc_t(0)) v += w * t1[(c * ph + p) * E + x];
         }
+        a = v;
       }
       __syncthreads();
     }
