@@ -1,38 +1,90 @@
 #!/usr/bin/env bash
 # Usage: ./start_train.sh MODE CONFIG [KEY VALUE ...]
 #   MODE: train | eval | debugtrain (one process, one image per batch)
+# CONFIG: a path from the current directory (or from the repository root); the run itself
+#   starts in the repository root, where relative paths in KEY VALUE are read.
 # Datasets of your own: DSIG_COCO_DATASETS="name=ann.json,image_root;..." (COCO json).
 # The output directory derives from the config path as in the original DSIG repository:
-#   projects/Distillation/configs/X.yaml -> ./output/Distillation.configs.X
+#   projects/Distillation/configs/X.yaml -> ./output/Distillation.configs.X (eval: .eval,
+#   debugtrain: .debug; a config outside the repository: ./output/X); OUTPUT_DIR overrides it.
 # GPUs: NUM_GPUS (environment) or every visible GPU; without a GPU it runs on the CPU.
+# DSIG_DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 if [ $# -lt 2 ]; then
-  sed -n '2,7p' "$0"; exit 2
+  sed -n '2,11p' "$0"; exit 2
 fi
 MODE=$1; CONFIG=$2; shift 2
-cd "$(dirname "$0")"
+# Everything that can be refused is refused before torch is imported or a banner printed.
+case "$MODE" in
+  train|eval|debugtrain) ;;
+  *) echo "start_train.sh: unknown mode '$MODE'; use train, eval or debugtrain" >&2; exit 2 ;;
+esac
+if [ $(($# % 2)) -ne 0 ]; then
+  echo "start_train.sh: options must be KEY VALUE pairs, got an odd count ($#): $*" >&2; exit 2
+fi
+ROOT=$(cd "$(dirname "$0")" && pwd -P)
+# The config is read from the caller's directory first (the script cds below), then from the
+# repository root, as the README's commands give it.
+if [ -f "$CONFIG" ]; then
+  CONFIG_ABS=$(cd "$(dirname "$CONFIG")" && pwd -P)/$(basename "$CONFIG")
+elif [ -f "$ROOT/$CONFIG" ]; then
+  CONFIG_ABS=$(cd "$(dirname "$ROOT/$CONFIG")" && pwd -P)/$(basename "$CONFIG")
+else
+  echo "start_train.sh: config '$CONFIG' not found (looked in $(pwd) and in $ROOT)" >&2; exit 2
+fi
+cd "$ROOT"
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
-name=$(echo "${CONFIG%.*}" | tr '/' '.')
+# Name from the path inside the repository (normalised: no leading ./ or /, no ..), so
+# absolute and ./ paths name the same folder as the README's form.
+case "$CONFIG_ABS" in
+  "$ROOT"/*) rel=${CONFIG_ABS#"$ROOT"/} ;;
+  *) rel=$(basename "$CONFIG_ABS") ;;
+esac
+name=$(echo "${rel%.*}" | tr '/' '.')
 name=${name#projects.}
 OUT=./output/$name
-if [ -n "${NUM_GPUS:-}" ]; then
+case "$MODE" in
+  train) RUN_DIR=$OUT ;;
+  eval) RUN_DIR=$OUT.eval ;;
+  debugtrain) RUN_DIR=$OUT.debug ;;
+esac
+WEIGHTS=$OUT/model_final.pth
+# detectron2 applies KEY VALUE pairs in order: the last OUTPUT_DIR / MODEL.WEIGHTS given wins.
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i += 2)); do
+  case "${args[i]}" in
+    OUTPUT_DIR) RUN_DIR=${args[i + 1]} ;;
+    MODEL.WEIGHTS) WEIGHTS=${args[i + 1]} ;;
+  esac
+done
+if [ "$MODE" = debugtrain ]; then
+  GPUS=1
+elif [ -n "${NUM_GPUS:-}" ]; then
   GPUS=$NUM_GPUS
 else
   GPUS=$("$PY" -c "import torch; print(max(torch.cuda.device_count(), 1))")
 fi
-echo "[start_train] $MODE $CONFIG -> $OUT ($GPUS process(es)) at $(date)"
+TRAIN=projects/Distillation/train_net.py
 case "$MODE" in
   train)
-    "$PY" projects/Distillation/train_net.py --config-file "$CONFIG" --num-gpus "$GPUS" \
-      --resume --dist-url auto OUTPUT_DIR "$OUT" TEST.EVAL_PERIOD 0 "$@" ;;
+    cmd=("$PY" "$TRAIN" --config-file "$CONFIG_ABS" --num-gpus "$GPUS" --resume --dist-url auto
+         OUTPUT_DIR "$OUT" TEST.EVAL_PERIOD 0 "$@") ;;
   eval)
-    "$PY" projects/Distillation/train_net.py --config-file "$CONFIG" --num-gpus "$GPUS" \
-      --eval-only --dist-url auto OUTPUT_DIR "$OUT.eval" MODEL.WEIGHTS "$OUT/model_final.pth" "$@" ;;
+    cmd=("$PY" "$TRAIN" --config-file "$CONFIG_ABS" --num-gpus "$GPUS" --eval-only
+         --dist-url auto OUTPUT_DIR "$OUT.eval" MODEL.WEIGHTS "$OUT/model_final.pth" "$@") ;;
   debugtrain)
-    "$PY" projects/Distillation/train_net.py --config-file "$CONFIG" --num-gpus 1 \
-      OUTPUT_DIR "$OUT.debug" SOLVER.IMS_PER_BATCH 1 "$@" ;;
-  *)
-    echo "unknown mode $MODE (train | eval | debugtrain)" >&2; exit 2 ;;
+    cmd=("$PY" "$TRAIN" --config-file "$CONFIG_ABS" --num-gpus 1
+         OUTPUT_DIR "$OUT.debug" SOLVER.IMS_PER_BATCH 1 "$@") ;;
 esac
+where() {  # a path as the run reads it: relative ones from the repository root
+  case "$1" in /*) echo "$1" ;; *) echo "$ROOT/${1#./}" ;; esac
+}
+banner="[start_train] $MODE $CONFIG -> $(where "$RUN_DIR")"
+[ "$MODE" = eval ] && banner="$banner (weights $(where "$WEIGHTS"))"
+echo "$banner ($GPUS process(es)) at $(date)"
+if [ "${DSIG_DRY_RUN:-0}" = 1 ]; then
+  echo "[start_train] dry run, in $ROOT:"; printf '%q ' "${cmd[@]}"; echo; exit 0
+fi
+"${cmd[@]}"
 echo "[start_train] finished at $(date)"
