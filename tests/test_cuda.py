@@ -197,6 +197,52 @@ def test_roi_align_cuda_channels_last_and_empty():
 
 
 @requires_cuda
+def test_roi_align_cuda_deterministic_backward_of_empty_buckets_is_zero():
+    """Tiles of (image, level) buckets without RoIs, partial tiles included (widths 63, 32, 16, 8
+    of a 250 x 250 image are not all multiples of 32), are written as exact zeros: the owner
+    kernel's zero-fill and write-out must be separated by a barrier (found by tests/cudasim)."""
+    feats, rois, levels, grad = _case(torch.float32, seed=6, hw=(250, 250), n=20)
+    B, C = feats[0].shape[:2]
+    hs, ws = [f.shape[2] for f in feats], [f.shape[3] for f in feats]
+    one = (rois[:, 0] == 0) & (levels == 0)  # RoIs of image 0 on level 0 only
+    for keep in (torch.zeros_like(one), one):
+        r, l, g = rois[keep].cuda(), levels[keep].cuda(), grad[keep].cuda()
+        outs = [torch.ops.dsig._multilevel_roi_align_backward(g, r, l, SCALES, B, C, hs, ws, 0,
+                                                              True, True) for _ in range(3)]
+        for lvl, x in enumerate(outs[0]):
+            untouched = x if lvl > 0 else x[1:]
+            assert not untouched.any(), f"level {lvl}: gradient where no RoI is"
+            assert all(torch.equal(x, o[lvl]) for o in outs[1:])
+
+
+@requires_cuda
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_roi_align_cuda_nonfinite_gradient_stays_on_its_bin(deterministic):
+    """A NaN upstream gradient reaches only the pixels its bin's samples touch, as on the CPU."""
+    feats, rois, levels, grad = _case(torch.float64, seed=8, n=10)
+    grad[1, 2, 3, 2] = float("nan")
+    B, C = feats[0].shape[:2]
+    hs, ws = [f.shape[2] for f in feats], [f.shape[3] for f in feats]
+    want = torch.ops.dsig._multilevel_roi_align_backward(grad, rois, levels, SCALES, B, C, hs, ws,
+                                                         0, True, False)
+    got = torch.ops.dsig._multilevel_roi_align_backward(grad.cuda(), rois.cuda(), levels.cuda(),
+                                                        SCALES, B, C, hs, ws, 0, True,
+                                                        deterministic)
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu().isnan(), b.isnan())
+
+
+@requires_cuda
+def test_edge_factor_matmul_cuda_without_nodes_keeps_the_features_dtype():
+    x = torch.zeros(0, 5, dtype=torch.float16)
+    factor = torch.zeros(0, 0, dtype=torch.float64)
+    offsets = torch.zeros(1, dtype=torch.long)
+    out = torch.ops.dsig._edge_factor_matmul(torch.tensor(1.0, dtype=torch.float64).cuda(),
+                                             factor.cuda(), x.cuda(), offsets)
+    assert out.dtype == torch.float16 and out.shape == (0, 5)
+
+
+@requires_cuda
 def test_roi_align_cuda_rejects_bad_values():
     feats, rois, levels, _ = _case(torch.float32)
     fs = [f.cuda() for f in feats]
