@@ -21,7 +21,8 @@ sys.path.insert(0, CUDASIM)
 import build as cudasim_build  # noqa: E402
 import runner  # noqa: E402
 
-SCHEDULES = "forward:0,reverse:0,random:7"
+# thread/block orders; the last also fills fresh memory with NaN bytes instead of random ones
+SCHEDULES = "forward:0,reverse:0,random:7,random:3:nan"
 SELFTEST = os.path.join(CUDASIM, "selftest.cu")
 
 
@@ -54,7 +55,8 @@ def run(lib, variant, args, timeout=600):
 
 
 THREE = ("forward:0:random", "reverse:0:random", "random:7:random")
-# planted defects the executor reports as errors (one process runs them all)
+# planted defects the executor reports as errors (one process runs them all; the opt-in case
+# last: cudaFuncSetAttribute lasts for the process)
 REPORTED = ["exit_before_barrier", "divergent_barriers", "ballot_exited_lane", "too_many_threads",
             "launch_bounds", "grid_y", "empty_grid", "dynamic_smem_48k", "dynamic_smem_opt_in"]
 
@@ -83,11 +85,16 @@ def ran(asan_lib):
 def test_correct_kernels_pass_under_every_schedule(ran):
     expected = [(t + 1) % 64 for t in range(64)]
     for run_, res in ran["neighbour"].items():
-        assert res["out"] == expected, run_
+        assert res["out"][:64] == expected, run_
     for run_, res in ran["warp_ops"].items():
         out = res["out"]
         assert out[0] == 0x49249249 and out[1] == 496, run_  # ballot, shuffle sum
         assert out[2:32] == [11] * 30, run_  # popc of the ballot
+        for t in range(64):  # shuffle up by 3 (own value below 3), xor 5 within groups of 8
+            lane = t % 32
+            up = lane - 3 if lane >= 3 else lane
+            x8 = lane ^ 5 if (lane ^ 5) // 8 <= lane // 8 else lane
+            assert out[64 + t] == up * 100 + x8, (run_, t)
 
 
 def test_missing_barrier_is_caught(ran):
@@ -95,15 +102,15 @@ def test_missing_barrier_is_caught(ran):
     some schedule a reader runs before the writer and sees garbage."""
     expected = [(t + 1) % 64 for t in range(64)]
     results = ran["missing_barrier"]
-    assert any(res["out"] != expected for res in results.values()), results
+    assert any(res["out"][:64] != expected for res in results.values()), results
 
 
 def test_uninitialised_shared_memory_is_caught(ran):
     """Shared memory is garbage at every block's start: all -1 (NaN bytes) in fill mode nan,
     different random words for different seeds."""
     res = ran["uninitialised_shared"]
-    assert res["forward:0:nan"]["out"] == [-1] * 64
-    assert res["forward:1:random"]["out"] != res["forward:2:random"]["out"]
+    assert res["forward:0:nan"]["out"][:64] == [-1] * 64
+    assert res["forward:1:random"]["out"][:64] != res["forward:2:random"]["out"][:64]
 
 
 @pytest.mark.parametrize("case,message", [
@@ -136,7 +143,7 @@ def test_launch_limits_are_caught(reported, case, message):
 
 def test_opted_in_dynamic_shared_memory_runs(reported):
     for res in reported["dynamic_smem_opt_in"].values():
-        assert res.get("out") == [1] * 64, res
+        assert res.get("out", [])[:64] == [1] * 64, res
 
 
 @pytest.mark.parametrize("case,where,report", [
@@ -160,7 +167,8 @@ def test_race_is_caught(tsan_lib):
     schedule, so only the race detector (ThreadSanitizer, told CUDA's ordering) sees it; a read
     of a neighbour's word without the barrier too."""
     for case, line in [("shared_race", "flag = 7"),
-                       ("missing_barrier", "out[blockIdx.x * kBlock + threadIdx.x] = buf[")]:
+                       ("missing_barrier", "out[blockIdx.x * kBlock + threadIdx.x] = buf["),
+                       ("race_between_barriers", "planted: race between barriers")]:
         r = run(tsan_lib, "tsan", [os.path.join(CUDASIM, "selftest.py"), case])
         assert r.returncode != 0 and "ThreadSanitizer: data race" in r.stderr, r.stderr[-3000:]
         assert f"tests/cudasim/selftest.cu:{selftest_line(line)}" in r.stderr, r.stderr[-3000:]
@@ -186,9 +194,11 @@ def test_cuda_kernels_race_free(tsan_lib):
     env = runner.env("tsan")
     env.update(CUDASIM_LIB=tsan_lib, CUDASIM_SCHEDULES="forward:0",
                PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]))
-    # the dtype variants run the same code: float64 and the half types' paths are enough here
+    # the dtype variants run the same code: float64 and the half types' paths are enough here;
+    # the autograd case runs kernels from torch's engine thread, whose own (uninstrumented)
+    # locking ThreadSanitizer misreads
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
                         "--tb=short", os.path.join(CUDASIM, "cases.py"), "-k",
-                        "not dtype1 and not test_edges_dtypes"], cwd=ROOT, env=env,
+                        "not dtype1 and not test_edges_dtypes and not autograd"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, (r.stdout[-6000:] + r.stderr[-6000:])

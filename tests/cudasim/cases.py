@@ -29,16 +29,16 @@ runner.load(os.environ["CUDASIM_LIB"])
 import dsig_ext  # noqa: E402,F401  (the CPU ops and the Python autograd registrations)
 
 SIM = torch.device("cudasim")
-SCHEDULES = [(s.split(":")[0], int(s.split(":")[1]))
-             for s in os.environ.get("CUDASIM_SCHEDULES", "forward:0").split(",")]
+# schedule:seed[:fill] (fill: random bytes, or NaN bytes that no multiplication by 0 hides)
+SCHEDULES = [tuple(s.split(":")) for s in os.environ.get("CUDASIM_SCHEDULES", "forward:0").split(",")]
 OPS = torch.ops.dsig
 
 
 def on_schedules(fn):
     """fn() under every schedule; the results (tuples of tensors, on the CPU)."""
     results = []
-    for schedule, seed in SCHEDULES:
-        runner.configure(schedule, seed, "random")
+    for schedule, seed, *fill in SCHEDULES:
+        runner.configure(schedule, int(seed), fill[0] if fill else "random")
         out = fn()
         out = out if isinstance(out, (tuple, list)) else (out,)
         results.append([o.cpu() if isinstance(o, torch.Tensor) else o for o in out])
@@ -60,10 +60,10 @@ def assert_close(got, want, dtype, what):
 
 def assert_bitwise_same(results, what):
     first = results[0]
-    for (schedule, seed), other in zip(SCHEDULES[1:], results[1:]):
+    for schedule, other in zip(SCHEDULES[1:], results[1:]):
         for a, b in zip(first, other):
             assert torch.equal(a, b) or (a.numel() == 0 and b.numel() == 0), (
-                f"{what}: not bitwise reproducible under schedule {schedule}:{seed}")
+                f"{what}: not bitwise reproducible under schedule {':'.join(schedule)}")
 
 
 # --- multi-level RoIAlign ------------------------------------------------------------------------
@@ -91,6 +91,7 @@ def roi_case(dtype, batch=3, channels=20, n_random=14, one_level=None, no_rois_i
     rois = torch.cat([idx[:, None], boxes], dim=1)
     if one_level is None:
         levels = torch.randint(0, 4, (len(boxes),), generator=g)
+        levels[-len(straddle):] = 0  # on level 0, whose 32-px tiles they straddle
     else:
         levels = torch.full((len(boxes),), one_level, dtype=torch.long)
     return feats, rois.to(dtype if dtype in (torch.float32, torch.float64) else torch.float32), levels
@@ -120,8 +121,8 @@ def forward_both(feats, rois, levels, out, sampling, aligned):
 def test_roi_align_forward(dtype, sampling, aligned, out):
     feats, rois, levels = roi_case(dtype)
     got, want = forward_both(feats, rois, levels, out, sampling, aligned)
-    for (schedule, seed), (g,) in zip(SCHEDULES, got):
-        assert_close(g, want, dtype, f"forward {schedule}:{seed}")
+    for sched, (g,) in zip(SCHEDULES, got):
+        assert_close(g, want, dtype, f"forward {sched}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -163,9 +164,9 @@ def test_roi_align_backward(deterministic, dtype, sampling, aligned, out):
     g = torch.Generator().manual_seed(1)
     for layout, grad in grad_layouts(len(rois), feats[0].shape[1], out[0], out[1], dtype, g):
         got, want = backward_both(grad, rois, levels, feats, sampling, aligned, deterministic)
-        for (schedule, seed), grads in zip(SCHEDULES, got):
+        for sched, grads in zip(SCHEDULES, got):
             for l, (a, b) in enumerate(zip(grads, want)):
-                assert_close(a, b, dtype, f"backward ({layout}, level {l}) {schedule}:{seed}")
+                assert_close(a, b, dtype, f"backward ({layout}, level {l}) {sched}")
         if deterministic:
             assert_bitwise_same(got, f"deterministic backward ({layout})")
 
@@ -180,6 +181,8 @@ def test_roi_align_backward_half(deterministic, dtype):
         for a, b in zip(grads, want):
             assert a.dtype == dtype
             assert_close(a.float(), b, dtype, f"backward {dtype}")
+    if deterministic:
+        assert_bitwise_same(got, f"deterministic backward {dtype}")
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
@@ -193,6 +196,8 @@ def test_roi_align_all_rois_on_one_level(deterministic):
     for grads in got:
         for a, b in zip(grads, want):
             assert_close(a, b, torch.float64, "backward, one level")
+    if deterministic:
+        assert_bitwise_same(got, "deterministic backward, one level")
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
@@ -237,10 +242,13 @@ def test_roi_align_unchecked_invalid_rois(deterministic):
     want = OPS._multilevel_roi_align_backward(grad[ok], rois[ok], levels[ok], SCALES, B, C, hs, ws,
                                               0, True, False)
     sg = grad.to(SIM)
-    for grads in on_schedules(lambda: OPS._multilevel_roi_align_backward(
-            sg, sr, sl, SCALES, B, C, hs, ws, 0, True, deterministic)):
+    got = on_schedules(lambda: OPS._multilevel_roi_align_backward(
+        sg, sr, sl, SCALES, B, C, hs, ws, 0, True, deterministic))
+    for grads in got:
         for a, b in zip(grads, want):
             assert_close(a, b, torch.float64, "gradient with invalid RoIs")
+    if deterministic:
+        assert_bitwise_same(got, "deterministic backward with invalid RoIs")
 
 
 @pytest.mark.parametrize("deterministic", [True, False])

@@ -98,6 +98,7 @@ struct Fiber {
   unsigned mask = 0;
   uint64_t value = 0, result = 0;
   int arg = 0, width = 32;
+  unsigned barriers = 0, collectives = 0;  // passed so far in this block (sync-address parity)
 #if CUDASIM_TSAN
   void* tsan_fiber = nullptr;
 #endif
@@ -143,7 +144,9 @@ struct Run {
 #endif
 #if CUDASIM_TSAN
   void* tsan_host = nullptr;
-  char* block_sync = nullptr;  // per block: [0] its barrier, [1 + w] warp w's collectives
+  // per block, two addresses each (alternating generations): [0, 1] its barrier, [2 + 2w, 3 + 2w]
+  // warp w's collectives
+  char* block_sync = nullptr;
   char launch_sync = 0;
   char launch_start = 0;
 #endif
@@ -225,12 +228,18 @@ extern "C" void cudasim_fiber_entry(void* fiber) {
 #endif
 #if CUDASIM_TSAN
   __tsan_acquire(&g_run.launch_start);
+  if (g_run.dynamic) __tsan_acquire(g_run.dynamic);
 #endif
+  std::string thrown;
   try {
     g_run.body(g_run.ctx);
   } catch (const std::exception& e) {
-    fail_in_fiber(std::string("exception in device code: ") + e.what());
+    thrown = e.what();
+  } catch (...) {
+    thrown = "an exception not derived from std::exception";
   }
+  // failed outside the handler: the fiber never returns, the exception must be finished first
+  if (!thrown.empty()) fail_in_fiber("exception in device code: " + thrown);
 #if CUDASIM_TSAN
   __tsan_release(&g_run.launch_sync);  // everything a thread did precedes the next launch
 #endif
@@ -300,6 +309,7 @@ void* map_stack() {
   void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE,
                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) throw std::runtime_error("cudasim: no memory for fiber stacks");
+  mprotect(p, 4096, PROT_NONE);  // an overflowing fiber faults instead of corrupting another
   return p;
 }
 
@@ -387,18 +397,21 @@ bool complete_warp_collectives(std::string* error) {
         case WarpOp::Any: g.result = ballot != 0; break;
         case WarpOp::All: g.result = ballot == (f.mask & 0xffffffffu); break;
         case WarpOp::Shfl: src = seg + (g.arg % w + w) % w; break;
-        case WarpOp::ShflUp: src = (l - seg) >= g.arg ? l - g.arg : l; break;
-        case WarpOp::ShflDown: src = (l - seg) + g.arg < w ? l + g.arg : l; break;
-        case WarpOp::ShflXor: src = l ^ g.arg; if (src >= seg + w || src < seg) src = l; break;
+        // deltas are unsigned in CUDA; a lane beyond the segment gets its own value
+        case WarpOp::ShflUp:
+          src = unsigned(l - seg) >= unsigned(g.arg) ? l - g.arg : l;
+          break;
+        case WarpOp::ShflDown:
+          src = uint64_t(l - seg) + unsigned(g.arg) < unsigned(w) ? l + g.arg : l;
+          break;
+        case WarpOp::ShflXor:  // earlier segments may be read, later ones give the own value
+          src = l ^ (g.arg & 31);
+          if (src >= seg + w) src = l;
+          break;
       }
       if (g.op >= WarpOp::Shfl) {
-        if (src < 0 || src >= 32 || !(f.mask >> src & 1u)) {
-          *error = std::string(op_name(g.op)) + " at " + where(g.file, g.line) + ": lane " +
-                   std::to_string(l) + " reads lane " + std::to_string(src) +
-                   ", which is not in the mask";
-          return false;
-        }
-        g.result = r.fibers[warp_first + src].value;
+        // reading a lane outside the mask is undefined in CUDA: garbage here
+        g.result = (f.mask >> src & 1u) ? r.fibers[warp_first + src].value : g_run.rng();
       }
     }
     for (int l = 0; l < 32; ++l)
@@ -453,6 +466,7 @@ void run_block(unsigned bx, unsigned by, unsigned bz) {
   for (size_t i = 0; i < n; ++i) {
     Fiber& f = r.fibers[i];
     f.state = State::Runnable;
+    f.barriers = f.collectives = 0;
 
 #if CUDASIM_ASAN
     // the frames of the stack's last fiber ended by a switch, not a return: their redzones stay
@@ -473,11 +487,14 @@ void run_block(unsigned bx, unsigned by, unsigned bz) {
     f.sp = top;
   }
 #if CUDASIM_TSAN
-  r.block_sync = new char[33];  // fresh addresses: blocks do not synchronise with each other
+  r.block_sync = new char[66];  // fresh addresses: blocks do not synchronise with each other
 #endif
   if (cfg.dynamic_smem > 0) {
     r.dynamic = exact_allocation(cfg.dynamic_smem, 16);
     fill_garbage(r.dynamic, cfg.dynamic_smem);
+#if CUDASIM_TSAN
+    __tsan_release(r.dynamic);  // acquired by each thread at its start
+#endif
   }
   for (;;) {
     bool ran = false;
@@ -551,6 +568,7 @@ void set_max_dynamic_smem(const void* kernel_id, int bytes) {
   if (bytes < 0 || size_t(bytes) > kMaxSmemOptIn)
     throw std::runtime_error("cudasim: cudaFuncSetAttribute asks for " + std::to_string(bytes) +
                              " bytes of dynamic shared memory (sm_90 allows 227 KB)");
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
   g_smem_opt_in[kernel_id] = bytes;
 }
 
@@ -661,10 +679,12 @@ void* shared_allocation(int site, size_t type_hash, size_t bytes, size_t align) 
   __tsan_switch_to_fiber(r.tsan_host, __tsan_switch_to_fiber_no_sync);
 #endif
   r.static_bytes += bytes;
-  if (r.static_bytes + r.cfg->dynamic_smem > r.smem_limit)
+  // without opt-in a block has 48 KB in all; with it, dynamic up to the opt-in, 227 KB in all
+  const size_t total = r.smem_limit > kDefaultSmemLimit ? kMaxSmemOptIn : kDefaultSmemLimit;
+  if (r.static_bytes + r.cfg->dynamic_smem > total)
     fail_in_fiber("static (" + std::to_string(r.static_bytes) + " bytes) plus dynamic (" +
                   std::to_string(r.cfg->dynamic_smem) + " bytes) shared memory exceed the " +
-                  std::to_string(r.smem_limit) + " bytes a block may use");
+                  std::to_string(total) + " bytes a block may use");
   void* p = exact_allocation(bytes, std::max<size_t>(align, 16));
   fill_garbage(p, bytes);
   r.shared.push_back({site, type_hash, p, bytes});
@@ -684,11 +704,12 @@ void syncthreads(const char* file, int line) {
   f->file = file;
   f->line = line;
 #if CUDASIM_TSAN
-  __tsan_release(g_run.block_sync);
+  char* sync = g_run.block_sync + (f->barriers++ & 1);  // see warp_collective
+  __tsan_release(sync);
 #endif
   switch_to_scheduler();
 #if CUDASIM_TSAN
-  __tsan_acquire(g_run.block_sync);
+  __tsan_acquire(sync);
 #endif
 }
 
@@ -711,7 +732,9 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int 
   f->file = file;
   f->line = line;
 #if CUDASIM_TSAN
-  char* sync = g_run.block_sync + 1 + (f->linear / 32) % 32;
+  // a lane released into the next generation's address before a slower lane acquired this one
+  // would pass it what it did after the collective
+  char* sync = g_run.block_sync + 2 + 2 * ((f->linear / 32) % 32) + (f->collectives++ & 1);
   __tsan_release(sync);
 #endif
   switch_to_scheduler();

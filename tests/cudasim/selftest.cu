@@ -59,7 +59,10 @@ __global__ void warp_ops_kernel(int* out) {
   int v = lane;
   for (int d = 16; d > 0; d /= 2) v += __shfl_down_sync(0xffffffffu, v, d);
   const int first = __shfl_sync(0xffffffffu, v, 0);
+  const int up = __shfl_up_sync(0xffffffffu, lane, 3);        // lane - 3, own below 3
+  const int x8 = __shfl_xor_sync(0xffffffffu, lane, 5, 8);    // within groups of 8
   out[threadIdx.x] = lane == 0 ? static_cast<int>(m) : (lane == 1 ? first : __popc(m));
+  out[kBlock + threadIdx.x] = up * 100 + x8;
 }
 
 // Writes one element past the end of its output.
@@ -81,6 +84,17 @@ __global__ void dynamic_shared_out_of_bounds_kernel(int* out) {
   dyn[threadIdx.x + 1] = 1;  // planted: past the launch's dynamic shared memory
   __syncthreads();
   out[threadIdx.x] = dyn[threadIdx.x];
+}
+
+// Between two barriers each thread overwrites the word its left neighbour reads.
+__global__ void race_between_barriers_kernel(int* out) {
+  __shared__ int buf[kBlock];
+  buf[threadIdx.x] = static_cast<int>(threadIdx.x);
+  __syncthreads();
+  const int v = buf[(threadIdx.x + 1) % kBlock];
+  buf[threadIdx.x] = v;  // planted: race between barriers
+  __syncthreads();
+  out[threadIdx.x] = buf[threadIdx.x];
 }
 
 // Two threads write one shared word between the same barriers (a race; the result happens to
@@ -117,6 +131,7 @@ at::Tensor run(const std::string& which, const at::Tensor& out) {
   else if (which == "shared_out_of_bounds") shared_out_of_bounds_kernel<<<1, kBlock>>>(o);
   else if (which == "dynamic_shared_out_of_bounds")
     dynamic_shared_out_of_bounds_kernel<<<1, kBlock, kBlock * sizeof(int)>>>(o);
+  else if (which == "race_between_barriers") race_between_barriers_kernel<<<1, kBlock>>>(o);
   else if (which == "shared_race") shared_race_kernel<<<1, kBlock>>>(o);
   else if (which == "too_many_threads") bounded_kernel<<<1, 2048>>>(o);
   else if (which == "launch_bounds") bounded_kernel<<<1, 256>>>(o);

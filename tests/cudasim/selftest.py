@@ -28,7 +28,7 @@ def main(argv):
             out = torch.zeros(128, dtype=torch.int32, device="cudasim")
             try:
                 got = torch.ops.cudasim_selftest.run(case, out).cpu()
-                result[case][run] = {"out": got[:64].tolist()}
+                result[case][run] = {"out": got.tolist()}
             except RuntimeError as e:
                 result[case][run] = {"error": str(e).splitlines()[0]}
     print(json.dumps(result))

@@ -121,7 +121,7 @@ def _launches(text, bounds, path):
 
 
 _SHARED = re.compile(
-    r"(extern\s+)?__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([^;{}()]*?)\s*\b(\w+)\s*"
+    r"(extern\s+)?__shared__\s+(?:__align__\(\s*(\d+)\s*\)\s+)?([^;{}()]*?)\s*\b(\w+)\s*"
     r"((?:\[[^\]]*\])*)\s*;")
 
 
@@ -129,7 +129,13 @@ def _shared(text, path, site_base):
     counter = [site_base]
 
     def rewrite(m):
-        ext, typ, name, dims = m.group(1), m.group(2).strip(), m.group(3), m.group(4)
+        ext, align, typ, name, dims = (m.group(1), m.group(2), m.group(3).strip(), m.group(4),
+                                       m.group(5))
+        if align and int(align) > 16:  # the executor's shared allocations are 16-byte aligned
+            raise TranslationError(f"{path}:{_line_of(text, m.start())}: __align__({align}) "
+                                   "above 16 is not supported")
+        if re.search(r"\bstatic\s*$", text[max(0, m.start() - 20):m.start()]):
+            raise TranslationError(f"{path}:{_line_of(text, m.start())}: static __shared__")
         if "\n" in m.group(0):
             raise TranslationError(f"{path}:{_line_of(text, m.start())}: a __shared__ "
                                    "declaration over several lines")

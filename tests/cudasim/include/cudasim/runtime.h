@@ -192,18 +192,21 @@ inline unsigned long long atomicAdd(unsigned long long* a, unsigned long long v)
 }
 
 // CUDA's min/max overloads: integer and floating arguments of mixed widths meet in their common
-// type (std::min would not compile for int64 vs int).
+// type (std::min would not compile for int64 vs int); floating ones are fmin/fmax (a NaN operand
+// gives the other one).
 template <typename A, typename B,
           typename = std::enable_if_t<std::is_arithmetic<A>::value && std::is_arithmetic<B>::value>>
 inline std::common_type_t<A, B> min(A a, B b) {
   using C = std::common_type_t<A, B>;
-  return static_cast<C>(b) < static_cast<C>(a) ? static_cast<C>(b) : static_cast<C>(a);
+  if constexpr (std::is_floating_point<C>::value) return std::fmin(C(a), C(b));
+  else return static_cast<C>(b) < static_cast<C>(a) ? static_cast<C>(b) : static_cast<C>(a);
 }
 template <typename A, typename B,
           typename = std::enable_if_t<std::is_arithmetic<A>::value && std::is_arithmetic<B>::value>>
 inline std::common_type_t<A, B> max(A a, B b) {
   using C = std::common_type_t<A, B>;
-  return static_cast<C>(a) < static_cast<C>(b) ? static_cast<C>(b) : static_cast<C>(a);
+  if constexpr (std::is_floating_point<C>::value) return std::fmax(C(a), C(b));
+  else return static_cast<C>(a) < static_cast<C>(b) ? static_cast<C>(b) : static_cast<C>(a);
 }
 
 inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t = nullptr) {
