@@ -134,6 +134,60 @@ def test_roi_align_forward_half(dtype):
         assert_close(g.float(), want, dtype, f"forward {dtype}")
 
 
+def feature_layouts(feats):
+    yield "contiguous", feats
+    yield "channels_last", [f.contiguous(memory_format=torch.channels_last) for f in feats]
+    yield "transposed", [f.transpose(2, 3).contiguous().transpose(2, 3) for f in feats]
+
+
+def sim_strided(t):
+    """t on the simulated device with t's strides."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=SIM).copy_(t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_roi_align_forward_layouts_and_large_rois(dtype):
+    """Every feature layout (the forward walks channels for channels-last), several channel
+    groups with a partial last one, and RoIs whose samples fill the forward's tap tables exactly
+    (36 per bin on both axes) or overflow them on one or both axes (taps computed in place).
+    The forward is deterministic: bitwise equal under every schedule."""
+    feats, rois, levels = roi_case(dtype, channels=10)
+    big = torch.tensor([[0, -3.0, 2.0, 1005.0, 1010.0],    # 252 px on level 0: 36 samples/bin
+                        [1, 5.0, 1.0, 1045.0, 1009.0],     # 260 px wide: 38 per bin in x only
+                        [0, -500.0, -500.0, 1500.0, 1500.0]], dtype=rois.dtype)
+    rois = torch.cat([rois, big])
+    levels = torch.cat([levels, torch.zeros(3, dtype=torch.long)])
+    want = OPS.multilevel_roi_align(feats, rois, levels, SCALES, 7, 7, 0, True, False)
+    for layout, fs in feature_layouts(feats):
+        sf = [sim_strided(f) for f in fs]
+        sr, sl = rois.to(SIM), levels.to(SIM)
+        got = on_schedules(lambda: OPS.multilevel_roi_align(sf, sr, sl, SCALES, 7, 7, 0, True,
+                                                            False))
+        for sched, (g,) in zip(SCHEDULES, got):
+            assert_close(g, want, dtype, f"forward ({layout}) {sched}")
+        assert_bitwise_same(got, f"forward ({layout})")
+
+
+def test_roi_align_forward_wide_channel_groups():
+    """Enough RoIs for the forward's widest channel groups (32), 40 channels: a full and a
+    partial group, both layouts that map threads differently."""
+    g = torch.Generator().manual_seed(5)
+    feats = [torch.randn(2, 40, h, w, generator=g, dtype=torch.float64) for h, w in LEVEL_HW[1:3]]
+    n = 300
+    xy = torch.rand(n, 2, generator=g, dtype=torch.float64) * 60
+    rois = torch.cat([torch.randint(0, 2, (n, 1), generator=g).double(), xy,
+                      xy + 2 + torch.rand(n, 2, generator=g, dtype=torch.float64) * 40], dim=1)
+    levels = torch.randint(0, 2, (n,), generator=g)
+    scales = SCALES[1:3]
+    want = OPS.multilevel_roi_align(feats, rois, levels, scales, 2, 3, 2, False, False)
+    runner.configure("random", 11, "nan")
+    for layout, fs in list(feature_layouts(feats))[:2]:
+        sf = [sim_strided(f) for f in fs]
+        got = OPS.multilevel_roi_align(sf, rois.to(SIM), levels.to(SIM), scales, 2, 3, 2, False,
+                                       False)
+        assert_close(got.cpu(), want, torch.float64, f"forward ({layout}), 32-channel groups")
+
+
 def grad_layouts(k, c, ph, pw, dtype, g):
     base = torch.randn(k, c, ph, pw, generator=g, dtype=torch.float64).to(dtype)
     yield "contiguous", base

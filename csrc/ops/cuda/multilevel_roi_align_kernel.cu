@@ -1,5 +1,6 @@
 // CUDA kernels of multi-level RoIAlign: every level in one launch, levels passed as a table.
-// Forward: one thread per output element. Backward, two modes:
+// Forward: one block per (RoI, channel group); the RoI's sample taps are computed once into
+// shared memory and every output sums its samples in torchvision's order. Backward, two modes:
 //   atomic        one thread per gradient element, atomicAdd of the bilinear taps into an fp32
 //                 (fp64) buffer, cast to the features' dtype;
 //   deterministic owner-computes: each RoI's geometry and footprint are computed once, RoIs are
@@ -90,28 +91,95 @@ inline int blocks_for(int64_t n) {
   return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxGridBlocks));
 }
 
+// Samples per axis whose taps a forward block keeps in shared memory (7 bins x 36 samples).
+// Any RoI on its FPN level needs far fewer; a RoI needing more pools with taps computed in place.
+constexpr int kTapTable = 256;
+
+// Channels per forward block: 32 (the RoI's taps reused over more channels), fewer when the
+// grid would leave a GPU's SMs idle (~4 blocks on each of an H100's 132).
+int forward_channels_per_block(int64_t K, int64_t C) {
+  constexpr int64_t kMinBlocks = 4 * 132;
+  int cpb = 32;
+  while (cpb > 4 && K * ((C + cpb - 1) / cpb) < kMinBlocks) cpb /= 2;
+  return static_cast<int>(std::min<int64_t>(cpb, std::max<int64_t>(C, 1)));
+}
+
+// One block per (RoI, group of cpb channels), grid-stride over RoIs. The RoI's geometry and
+// the taps of its samples along y and x (lo, hi, weights, valid: torchvision's values) are
+// computed once into shared memory and reused by all its outputs, which sum their samples'
+// taps in torchvision's order. Threads walk the outputs along x (NCHW) or along channels
+// (channels-last), the direction in which neighbouring threads read neighbouring pixels.
 template <typename T, typename acc_t>
-__global__ void forward_kernel(LevelTable<T> lv, const acc_t* __restrict__ rois,
-                               const int64_t* __restrict__ levels, int64_t K, int64_t C,
-                               int64_t num_images, int ph, int pw, int sampling_ratio,
-                               bool aligned, T* __restrict__ out) {
-  const int64_t total = K * C * ph * pw;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
-       idx += int64_t(blockDim.x) * gridDim.x) {
-    const auto [k, c, y, x] = output_index(idx, C, ph, pw);
+__global__ void __launch_bounds__(kThreads)
+forward_kernel(LevelTable<T> lv, const acc_t* __restrict__ rois,
+               const int64_t* __restrict__ levels, int64_t K, int64_t C, int64_t num_images,
+               int ph, int pw, int sampling_ratio, bool aligned, int cpb,
+               T* __restrict__ out) {
+  __shared__ detail::AxisTap<acc_t> ytaps[kTapTable];
+  __shared__ detail::AxisTap<acc_t> xtaps[kTapTable];
+  const int64_t c0 = int64_t(blockIdx.y) * cpb;
+  const int nc = static_cast<int>(min(static_cast<int64_t>(cpb), C - c0));
+  const int bins = ph * pw, outputs = nc * bins;
+  for (int64_t k = blockIdx.x; k < K; k += gridDim.x) {
     const acc_t* roi = rois + 5 * k;
     const int64_t b = batch_of(roi, num_images);
-    const int64_t l = level_of(levels, k, lv.num_levels);
-    acc_t v = acc_t(0);
-    if (b >= 0 && l >= 0) {
-      const RoiGeometry<acc_t> g = detail::roi_geometry<acc_t>(
-          roi[1], roi[2], roi[3], roi[4], static_cast<acc_t>(lv.scale[l]), ph, pw,
-          sampling_ratio, aligned);
-      const T* plane = lv.data[l] + b * lv.stride_b[l] + c * lv.stride_c[l];
-      v = detail::pooled_bin<T, acc_t>(plane, lv.stride_h[l], lv.stride_w[l], lv.height[l],
-                                       lv.width[l], g, y, x);
+    const int l = static_cast<int>(level_of(levels, k, lv.num_levels));
+    T* out_k = out + (k * C + c0) * bins;
+    if (b < 0 || l < 0) {  // uniform over the block: no barrier is skipped by some threads only
+      for (int e = threadIdx.x; e < outputs; e += blockDim.x) out_k[e] = static_cast<T>(0);
+      continue;
     }
-    out[idx] = static_cast<T>(v);
+    const RoiGeometry<acc_t> g = detail::roi_geometry<acc_t>(
+        roi[1], roi[2], roi[3], roi[4], static_cast<acc_t>(lv.scale[l]), ph, pw, sampling_ratio,
+        aligned);
+    const int H = lv.height[l], W = lv.width[l];
+    const int ny = ph * g.grid_h, nx = pw * g.grid_w;
+    const bool tabled = ny <= kTapTable && nx <= kTapTable;
+    __syncthreads();  // the previous RoI's outputs have read its tables
+    if (tabled) {
+      for (int i = threadIdx.x; i < ny + nx; i += blockDim.x) {
+        if (i < ny) {
+          ytaps[i] = detail::axis_tap(
+              detail::sample_coord(g.start_h, g.bin_h, i / g.grid_h, i % g.grid_h, g.grid_h), H);
+        } else {
+          const int j = i - ny;
+          xtaps[j] = detail::axis_tap(
+              detail::sample_coord(g.start_w, g.bin_w, j / g.grid_w, j % g.grid_w, g.grid_w), W);
+        }
+      }
+    }
+    __syncthreads();
+    const bool along_channels = lv.stride_c[l] == 1 && lv.stride_w[l] != 1;
+    const T* base = lv.data[l] + b * lv.stride_b[l] + c0 * lv.stride_c[l];
+    for (int e = threadIdx.x; e < outputs; e += blockDim.x) {
+      int c, bin;
+      if (along_channels) {
+        c = e % nc;
+        bin = e / nc;
+      } else {
+        c = e / bins;
+        bin = e % bins;
+      }
+      const int p = bin / pw, q = bin % pw;
+      const T* plane = base + c * lv.stride_c[l];
+      acc_t v;
+      if (tabled) {
+        acc_t sum = acc_t(0);
+        for (int iy = 0; iy < g.grid_h; ++iy) {
+          const detail::AxisTap<acc_t> ty = ytaps[p * g.grid_h + iy];
+          if (!ty.valid) continue;
+          for (int ix = 0; ix < g.grid_w; ++ix) {
+            const detail::AxisTap<acc_t> tx = xtaps[q * g.grid_w + ix];
+            if (!tx.valid) continue;
+            sum += detail::bilinear(plane, lv.stride_h[l], lv.stride_w[l], ty, tx);
+          }
+        }
+        v = sum / g.count;
+      } else {
+        v = detail::pooled_bin<T, acc_t>(plane, lv.stride_h[l], lv.stride_w[l], H, W, g, p, q);
+      }
+      out_k[c * bins + bin] = static_cast<T>(v);
+    }
   }
 }
 
@@ -428,10 +496,14 @@ at::Tensor multilevel_roi_align_forward_cuda(at::TensorList features, const at::
       lv.width[l] = static_cast<int>(f.size(3));
       lv.scale[l] = spatial_scales[l];
     }
-    forward_kernel<scalar_t, acc_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
+    const int cpb = forward_channels_per_block(K, C);
+    const dim3 grid(static_cast<unsigned>(std::min<int64_t>(K, kMaxGridBlocks)),
+                    static_cast<unsigned>((C + cpb - 1) / cpb));
+    TORCH_CHECK(grid.y <= 65535, "multilevel_roi_align: too many channels (", C, ")");
+    forward_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
         lv, rois_acc.data_ptr<acc_t>(), levels64.data_ptr<int64_t>(), K, C, f0.size(0),
         static_cast<int>(pooled_height), static_cast<int>(pooled_width),
-        static_cast<int>(sampling_ratio), aligned, out.data_ptr<scalar_t>());
+        static_cast<int>(sampling_ratio), aligned, cpb, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
