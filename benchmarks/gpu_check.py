@@ -16,7 +16,10 @@ no network and no detectron2. Steps, each recorded in the report:
            wheels in DIR, offline, and runs bench_train_step.py --device cuda.
 
 Writes gpu_check.{json,md}, the benchmark's files and logs.txt into OUT, stamped with the GPU
-name, driver, torch and CUDA versions. Exit status: 0 all ran and passed, 1 a step failed,
+name, driver, torch and CUDA versions. The report puts each kernel's measured time next to the
+static cost model committed in benchmarks/results/kernel_model_after.json (made by
+benchmarks/kernel_model.py; no nvcc needed here) and its roofline floor, so the first GPU run also
+calibrates the model. Exit status: 0 all ran and passed, 1 a step failed,
 2 nothing to do (no CUDA device visible).
 
 Usage: benchmarks/gpu_check.sh OUT [--wheels DIR] [--work DIR] [--jobs N] [--skip STEP ...]
@@ -36,6 +39,7 @@ STEPS = ("build", "tests", "sanitize", "bench", "train-step")
 OP_TESTS = ["tests/test_cuda.py", "tests/test_multilevel_roi_align.py", "tests/test_edge_loss.py",
             "tests/test_pooler.py", "tests/test_assign_fpn_levels.py", "tests/test_backend.py"]
 STAGED = ["csrc", "dsig_ext", "tests", "benchmarks", "projects", "setup.py", "pyproject.toml"]
+MODEL_JSON = ROOT / "benchmarks" / "results" / "kernel_model_after.json"
 
 
 def parse_args(argv=None):
@@ -126,7 +130,8 @@ class Runner:
         print(f"[gpu_check] {name}: {status} ({seconds:.0f} s) {detail}", flush=True)
         bench_md = self.out / "bench_ops_cuda.md"
         write_report(self.out, self.info, self.steps,
-                     bench_md.read_text() if bench_md.exists() else None)
+                     bench_md.read_text() if bench_md.exists() else None,
+                     model_comparison(self.out / "bench_ops_cuda.json", MODEL_JSON))
         return status == "passed"
 
 
@@ -219,9 +224,62 @@ def step_train_step(r: Runner, work: Path, out: Path, wheels: Path):
                     "bench_train_step_cuda.{json,md}" if rc == 0 else "see logs.txt")
 
 
-def write_report(out: Path, info, steps, bench=None):
-    """gpu_check.json (everything) and gpu_check.md (steps, then the benchmark's tables)."""
-    report = {"info": info, "steps": steps, "bench": bench}
+def _model_key(row):
+    return (row["kernel"], row["dtype"], row["batch"], row.get("rois_per_image"),
+            row.get("nodes"))
+
+
+def model_comparison(bench_json: Path, model_json: Path):
+    """Measured kernel rows of bench_ops' JSON next to the model's prediction and the floor:
+    [{kernel, dtype, batch, rois_per_image, nodes, measured_us, model_us, floor_us, ...}], or
+    None when either file is missing."""
+    if not Path(bench_json).exists() or not Path(model_json).exists():
+        return None
+    kernels = json.loads(Path(bench_json).read_text()).get("kernels") or []
+    model = json.loads(Path(model_json).read_text())
+    by_key = {_model_key(r): r for r in model.get("ops", [])}
+    rows = []
+    for k in kernels:
+        m = by_key.get(_model_key(k))
+        row = {"kernel": k["kernel"], "dtype": k["dtype"], "batch": k["batch"],
+               "rois_per_image": k.get("rois_per_image"), "nodes": k.get("nodes"),
+               "measured_us": k["time_us"], "floor_us": k["floor_us"],
+               "model_us": m["model_us"] if m else None,
+               "model_bound": (f"{m.get('main_kernel')}: {m.get('main_bound')}"
+                               if m and m.get("main_kernel") else None),
+               "model_revision": model.get("revision")}
+        row["measured_to_model"] = row["measured_us"] / row["model_us"] if m else None
+        row["measured_to_floor"] = row["measured_us"] / row["floor_us"]
+        rows.append(row)
+    return rows
+
+
+def comparison_markdown(rows):
+    if not rows:
+        return ""
+    rev = rows[0].get("model_revision")
+    lines = ["## Measured vs model vs floor", "",
+             "Model: the static cost model of benchmarks/kernel_model.py "
+             f"(benchmarks/results/kernel_model_after.json, kernels of {rev}; an H100 SXM "
+             "model, not a measurement): a measured / model ratio far from 1 on an H100 "
+             "calibrates it. Floor: benchmarks/roofline.py (H100 SXM).", "",
+             "| kernel | dtype | B | RoIs/img or N | measured us | model us | floor us | "
+             "measured / model | measured / floor | model bound by |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        size = r["rois_per_image"] if r["rois_per_image"] is not None else r["nodes"]
+        model = f"{r['model_us']:.1f} (model)" if r["model_us"] is not None else "no model"
+        ratio = f"{r['measured_to_model']:.2f}" if r["measured_to_model"] is not None else ""
+        lines.append(f"| {r['kernel']} | {r['dtype']} | {r['batch']} | {size} | "
+                     f"{r['measured_us']:.1f} | {model} | {r['floor_us']:.1f} | {ratio} | "
+                     f"{r['measured_to_floor']:.2f} | {r['model_bound'] or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, info, steps, bench=None, comparison=None):
+    """gpu_check.json (everything) and gpu_check.md (steps, measured vs model vs floor per kernel,
+    then the benchmark's tables)."""
+    report = {"info": info, "steps": steps, "bench": bench, "model_comparison": comparison}
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
     lines = ["# dsig_ext GPU check", "",
              f"- GPU: {info.get('gpu_name')}, compute capability "
@@ -231,6 +289,8 @@ def write_report(out: Path, info, steps, bench=None):
              f"{info.get('cores')} cores", "",
              "| step | status | seconds | detail |", "|---|---|---:|---|"]
     lines += [f"| {s['step']} | {s['status']} | {s['seconds']} | {s['detail']} |" for s in steps]
+    if comparison:
+        lines += ["", comparison_markdown(comparison).strip()]
     if bench:
         lines += ["", bench.strip()]
     (out / "gpu_check.md").write_text("\n".join(lines) + "\n")

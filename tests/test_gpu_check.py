@@ -136,3 +136,68 @@ def test_runner_logs_times_out_and_rewrites_the_report(tmp_path):
     assert not r.record("tests", "failed", secs, "timed out")
     assert "| tests | failed |" in (tmp_path / "gpu_check.md").read_text()
     assert "hello" in (tmp_path / "logs.txt").read_text()
+
+
+def _model_row(kernel, dtype, batch, rois=None, nodes=None, model_us=100.0):
+    return {"kernel": kernel, "dtype": dtype, "batch": batch, "rois_per_image": rois,
+            "nodes": nodes, "model_us": model_us, "main_kernel": "k", "main_bound": "issue"}
+
+
+def test_report_puts_measured_next_to_model_and_floor(tmp_path):
+    """The kernel rows of bench_ops' JSON joined with the committed model by (kernel, dtype,
+    batch, size); the report shows measured, model and floor side by side."""
+    bench = {"kernels": [
+        {"kernel": "roi_align forward", "batch": 8, "dtype": "float32", "rois_per_image": 512,
+         "nodes": None, "time_us": 250.0, "floor_us": 278.0, "ratio_to_floor": 0.9},
+        {"kernel": "edge loss forward + backward", "batch": 8, "dtype": "bfloat16",
+         "rois_per_image": None, "nodes": 300, "time_us": 900.0, "floor_us": 809.0,
+         "ratio_to_floor": 1.1},
+        {"kernel": "roi_align forward", "batch": 4, "dtype": "float32", "rois_per_image": 512,
+         "nodes": None, "time_us": 120.0, "floor_us": 140.0, "ratio_to_floor": 0.9}]}
+    model = {"revision": "abc1234", "ops": [
+        _model_row("roi_align forward", "float32", 8, rois=512, model_us=500.0),
+        _model_row("edge loss forward + backward", "bfloat16", 8, nodes=300, model_us=450.0)]}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    (tmp_path / "model.json").write_text(json.dumps(model))
+    rows = gpu_check.model_comparison(tmp_path / "bench.json", tmp_path / "model.json")
+    assert [r["model_us"] for r in rows] == [500.0, 450.0, None]
+    assert rows[0]["measured_to_model"] == pytest.approx(0.5)
+    assert rows[1]["measured_to_model"] == pytest.approx(2.0)
+    assert rows[2]["measured_to_model"] is None  # a workload the model has no row for
+    info = {"gpu": True, "gpu_name": "NVIDIA H100 80GB HBM3"}
+    gpu_check.write_report(tmp_path, info, [], "| bench |\n", rows)
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "| measured us | model us | floor us | measured / model | measured / floor |" in md
+    assert "| roi_align forward | float32 | 8 | 512 | 250.0 | 500.0 (model) | 278.0 | 0.50 |" in md
+    assert "no model" in md and "abc1234" in md
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["model_comparison"][1]["model_us"] == 450.0
+    assert gpu_check.model_comparison(tmp_path / "missing.json", tmp_path / "model.json") is None
+
+
+def test_committed_model_covers_what_the_gpu_bench_times():
+    """Every kernel row bench_ops times on CUDA by default has a committed model row, each
+    labelled a model, with the floor bench_ops uses."""
+    import bench_ops
+
+    model = json.loads(gpu_check.MODEL_JSON.read_text())
+    assert "model" in model["model"] and "not a measurement" in model["model"]
+    keys = {gpu_check._model_key(r) for r in model["ops"]}
+    args = bench_ops.parse_args(["--device", "cuda"])
+    names = ["roi_align forward", "roi_align backward, atomic",
+             "roi_align backward, deterministic", "edge loss forward + backward"]
+    for dtype in args.dtypes:
+        for batch in args.batches:
+            for rois, nodes in ((512, 300), (140, 140)):
+                for name in names:
+                    roi = "roi" in name
+                    key = (name, dtype, batch, rois if roi else None, None if roi else nodes)
+                    assert key in keys, key
+    for r in model["ops"]:
+        elem = 4 if r["dtype"] == "float32" else 2
+        if r["kernel"] == "roi_align forward":
+            assert r["floor_us"] == pytest.approx(roofline.roi_align_forward_floor_us(
+                r["batch"], r["rois_per_image"], elem), abs=0.06)
+        assert r["model_us"] > 0 and r["complete"], r
+    assert "model" in (ROOT and open(os.path.join(
+        ROOT, "benchmarks", "results", "kernel_model_after.md")).read().lower())
