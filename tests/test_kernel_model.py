@@ -1,0 +1,182 @@
+"""benchmarks/kernel_model.py: ptxas and SASS parsing, loop finding, the loop arithmetic,
+occupancy and the time terms on known cases; with nvcc, a tiny kernel compiled for sm_90."""
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import kernel_model as km  # noqa: E402
+
+PTXAS = """\
+ptxas info    : 28 bytes gmem
+ptxas info    : Compiling entry function '_Z6gatherPKfPfii' for 'sm_90'
+ptxas info    : Function properties for _Z6gatherPKfPfii
+    8 bytes stack frame, 8 bytes spill stores, 16 bytes spill loads
+ptxas info    : Used 64 registers, used 1 barriers, 8 bytes cumulative stack size, 16384 bytes smem
+ptxas info    : Compiling entry function '_Z4tinyPf' for 'sm_90'
+ptxas info    : Function properties for _Z4tinyPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 12 registers, used 0 barriers
+"""
+
+# An outer loop (0x0040-0x0110) around an inner loop unrolled twice (0x0060-0x00d0: two
+# samples of 2 LDG each), one remainder sample (0x00e0-0x00f0) after it; a trap self-loop.
+SASS = """\
+\t\tFunction : _Z6gatherPKfPfii
+\t.headerflags\t@"EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_TID.X ;
+        /*0020*/                   ISETP.GE.AND P0, PT, R0, 0x10, PT ;
+        /*0030*/               @P0 EXIT ;
+        /*0040*/                   IMAD R2, R0, 0x4, RZ ;
+        /*0050*/                   MOV R3, RZ ;
+        /*0060*/                   LDG.E R4, desc[UR4][R2.64] ;
+        /*0070*/                   LDG.E R5, desc[UR4][R2.64+0x4] ;
+        /*0080*/                   FFMA R3, R4, R5, R3 ;
+        /*0090*/                   LDG.E R6, desc[UR4][R2.64+0x8] ;
+        /*00a0*/                   LDG.E R7, desc[UR4][R2.64+0xc] ;
+        /*00b0*/                   FFMA R3, R6, R7, R3 ;
+        /*00c0*/                   ISETP.NE.AND P1, PT, R0, RZ, PT ;
+        /*00d0*/               @P1 BRA 0x60 ;
+        /*00e0*/                   LDG.E R4, desc[UR4][R2.64] ;
+        /*00f0*/                   LDG.E R5, desc[UR4][R2.64+0x4] ;
+        /*0100*/                   STS.128 [R0], R4 ;
+        /*0110*/               @!P0 BRA 0x40 ;
+        /*0120*/                   EXIT ;
+        /*0130*/                   BRA 0x130;
+\t\t..........
+\t\tFunction : _Z4tinyPf
+        /*0000*/                   EXIT ;
+"""
+
+
+def test_ptxas_resources():
+    res = km.parse_ptxas(PTXAS)
+    assert res["_Z6gatherPKfPfii"] == {"registers": 64, "spill_stores": 8, "spill_loads": 16,
+                                       "stack": 8, "smem": 16384, "barriers": 1}
+    assert res["_Z4tinyPf"]["registers"] == 12 and res["_Z4tinyPf"]["smem"] == 0
+
+
+def test_sass_loops_and_counts():
+    funcs = km.parse_sass(SASS)
+    assert list(funcs) == ["_Z6gatherPKfPfii", "_Z4tinyPf"]
+    instrs = funcs["_Z6gatherPKfPfii"]
+    assert len(instrs) == 20 and instrs[3][1] == "@P0" and instrs[3][2] == "EXIT"
+    top, loops = km.find_loops(instrs)
+    assert [(lp.start, lp.end) for lp in loops] == [(0x40, 0x110), (0x60, 0xd0)]  # no self-loop
+    outer, inner = loops
+    assert top == [outer] and inner.parent is outer and outer.children == [inner]
+    assert inner.counts["global_load"] == 4 and inner.counts["fp32"] == 2
+    assert inner.counts["control"] == 1 and inner.counts["total"] == 8
+    assert outer.own["global_load"] == 2 and outer.own["smem_wf"] == 4  # STS.128: 4 wavefronts
+    # per sample (2 LDG): the x2-unrolled body halved; the outer trip less its remainder sample
+    unit = km.unit_cost(inner, ["LDG"], 2)
+    assert unit["total"] == 4 and unit["global_load"] == 2
+    ov = km.overhead(outer, unit, ["LDG"], 2)
+    assert ov["total"] == pytest.approx(6 - 4) and ov["global_load"] == 0
+    assert km.hottest(km.find_loops(instrs)[1], ["LDG"]) is not None
+    with pytest.raises(km.NoModel):
+        km.unit_cost(inner, ["RED"], 4)
+
+
+def test_instruction_classes():
+    assert km.instr_class("LDG.E.64.CONSTANT") == "global_load"
+    assert km.instr_class("REDG.E.ADD.F32.FTZ.RN.STRONG.GPU") == "atomic"
+    assert km.instr_class("IMAD.WIDE.U32") == "int" and km.instr_class("ULDC.64") == "int"
+    assert km.instr_class("MUFU.RCP") == "mufu" and km.instr_class("I2FP.F32.S32") == "convert"
+    assert km.instr_class("BSSY") == "control" and km.instr_class("FSETP.GE.AND") == "fp32"
+    assert km.smem_wavefronts("LDS.64") == 2 and km.smem_wavefronts("LDG.E") == 0
+
+
+def test_occupancy_on_an_h100():
+    # 48 registers: 1536 per warp, 10 warps per partition -> 40 warps, 5 blocks of 256
+    occ = km.occupancy(48, 10240, 256)
+    assert (occ["blocks_per_sm"], occ["warps_per_sm"], occ["limiter"]) == (5, 40, "registers")
+    assert km.occupancy(54, 0, 256)["warps_per_sm"] == 32  # rounded to 56 registers
+    assert km.occupancy(80, 8320, 256)["warps_per_sm"] == 24
+    occ = km.occupancy(32, 48000, 256)  # 48 KB + 1 KB reserved per block: 4 in 228 KB
+    assert occ["blocks_per_sm"] == 4 and occ["limiter"] == "shared memory"
+    assert km.occupancy(16, 0, 128)["limiter"] == "threads"
+
+
+def test_time_terms_on_a_known_case():
+    m = km.H100
+    c = km.Cost("k", occ={"warps_per_scheduler": 8})
+    rate = m["sms"] * m["schedulers"] * m["clock_hz"] * m["issue_efficiency"]
+    c.instr = Counter({"total": rate * 1e-3, "smem_wf": 0})  # 1 ms of issue
+    c.dram_bytes = m["dram_bytes_per_s"] * m["dram_efficiency"] * 2e-3  # 2 ms of DRAM
+    t = c.terms_us()
+    assert t["issue"] == pytest.approx(1000) and t["DRAM"] == pytest.approx(2000)
+    assert c.time_us() == pytest.approx(2000) and c.as_dict()["bound"] == "DRAM"
+    c.occ = {"warps_per_scheduler": 4}  # half the warps: half the issue efficiency
+    assert c.terms_us()["issue"] == pytest.approx(2000)
+    c.blocks, c.occ = 66, {"warps_per_scheduler": 8}  # 66 blocks of 8 warps: half the SMs, 2 warps
+    assert c.terms_us()["issue"] == pytest.approx(1000 * 2 * 4)
+    parts = [km.torch_pass("a", 0, launches=3), km.torch_pass("b", 0)]
+    t, launches = km.op_time_us(parts)
+    assert launches == 4 and t == pytest.approx(4 * m["launch_cpu_us"])
+    assert km.warp_iters(256, 256) == 8 and km.warp_iters(300, 256) == 10
+    assert km.warp_iters(33, 256) == 2
+
+
+def test_workload_geometry():
+    wl = km.RoiWorkload(2, 64, traffic_sample=4)
+    assert wl.K == 128 and abs(sum(wl.level_share) - 1) < 1e-9
+    # detectron2's rule: 112 px boxes and smaller on P2, 448 px and larger on P5
+    import numpy as np
+    assert list(km.fpn_levels(np.array([[0, 0, 100, 100], [0, 0, 150, 150], [0, 0, 300, 300],
+                                        [0, 0, 500, 500]], float))) == [0, 1, 2, 3]
+    lo, hi, valid = km.axis_taps(-0.5, 14.0, 50)  # 14 px: 2 samples per bin
+    assert lo.shape == (7, 2) and valid.all() and lo.min() == 0 and hi.max() <= 14
+    tr = wl.traffic(4)
+    assert 0 < tr["l1_wavefronts"] <= tr["sector_ops"]
+    assert wl.summary()["K"] == 128 and 1 <= wl.mean_samples
+
+
+def test_gram_splits_and_owner_channels():
+    assert km.gram_splits(2400, 12544, 8, 4) == 2
+    assert km.owner_channels(4) == (8, 43776)
+
+
+def _toolchain():
+    try:
+        return km.toolchain()
+    except RuntimeError as e:
+        pytest.skip(f"kernel_model needs nvcc and cuobjdump: {e}")
+
+
+TINY_CU = r"""
+__global__ void gather(const float* __restrict__ x, float* __restrict__ out, int n, int taps) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float s = 0.f;
+  for (int t = 0; t < taps; ++t) s += x[(i + 7 * t) % n] * x[(3 * i + t) % n];
+  out[i] = s;
+}
+"""
+
+
+def test_tiny_kernel_compiled_for_sm90(tmp_path):
+    """nvcc -cubin for sm_90 with -Xptxas -v, cuobjdump -sass, demangling, the loop found with
+    its two loads per trip (no torch headers: a few seconds)."""
+    tools = _toolchain()
+    cu = tmp_path / "tiny.cu"
+    cu.write_text(TINY_CU)
+    cubin, log = km.compile_cubin(tools["nvcc"], str(cu), str(tmp_path), ["-O3"], [])
+    res = km.parse_ptxas(log)
+    (name,) = [n for n in res if "gather" in n]
+    assert 0 < res[name]["registers"] <= 255 and res[name]["spill_stores"] == 0
+    sass = subprocess.run([tools["cuobjdump"], "-sass", cubin], capture_output=True, text=True,
+                          check=True).stdout
+    funcs = km.parse_sass(sass)
+    k = km.Kernel(name, km.demangle([name], tools["demangler"])[name], "tiny.cu", funcs[name],
+                  res[name])
+    assert k.name == "gather"
+    loop = km.hottest(k.innermost(), ["LDG"])
+    unit = km.unit_cost(loop, ["LDG"], 2)
+    assert unit["global_load"] == 2 and unit["fp32"] >= 1 and unit["total"] > 4
