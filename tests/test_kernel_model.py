@@ -180,3 +180,14 @@ def test_tiny_kernel_compiled_for_sm90(tmp_path):
     loop = km.hottest(k.innermost(), ["LDG"])
     unit = km.unit_cost(loop, ["LDG"], 2)
     assert unit["global_load"] == 2 and unit["fp32"] >= 1 and unit["total"] > 4
+
+
+def test_arguments():
+    import common
+
+    args = km.parse_args([])
+    assert args.out == common.SCRATCH_OUT and args.rev is None and args.jobs >= 1
+    args = km.parse_args(["--rev", "HEAD", "--tag", "after", "--jobs", "3", "--out", "x"])
+    assert (args.rev, args.tag, args.jobs, args.out) == ("HEAD", "after", 3, "x")
+    with pytest.raises(SystemExit):
+        km.parse_args(["--jobs", "0"])
