@@ -152,19 +152,20 @@ DSIG_HD acc_t pooled_bin(const T* plane, int64_t sh, int64_t sw, int height, int
   return sum / g.count;
 }
 
-// Weight that pixel `pix` receives, along one axis, from the grid samples of bin p.
-// The bilinear weights are separable, so a RoI's input gradient on its footprint is
-// Wy^T (G / count) Wx with Wy[p][y] = axis_pixel_weight(...); this gathers instead of scattering.
+// Weights that the samples of bin p give the pixels [origin, origin + extent) along one axis,
+// added into w (zeroed by the caller) sample by sample, the low tap before the high one. The
+// bilinear weights are separable, so a RoI's input gradient on its footprint is
+// Wy^T (G / count) Wx with Wy[p] the weights of bin p along y: this gathers instead of scattering.
 template <typename acc_t>
-DSIG_HD acc_t axis_pixel_weight(acc_t start, acc_t bin, int p, int grid, int size, int pix) {
-  acc_t w = acc_t(0);
+DSIG_HD void add_axis_weights(acc_t start, acc_t bin, int p, int grid, int size, int origin,
+                              int extent, acc_t* w) {
   for (int i = 0; i < grid; ++i) {
     const AxisTap<acc_t> t = axis_tap(sample_coord(start, bin, p, i, grid), size);
     if (!t.valid) continue;
-    if (t.lo == pix) w += t.w_lo;
-    if (t.hi == pix) w += t.w_hi;
+    const int lo = t.lo - origin, hi = t.hi - origin;
+    if (lo >= 0 && lo < extent) w[lo] += t.w_lo;
+    if (hi >= 0 && hi < extent) w[hi] += t.w_hi;
   }
-  return w;
 }
 
 // Pixel range [first, last] touched along one axis by all samples of a RoI; first > last if none.

@@ -188,7 +188,7 @@ struct Footprint {
 
 // One axis of a footprint in one pass over the samples: per bin p the dense weights
 // w[p][0, extent) of the pixels from `origin` (added in sample order, so equal to
-// axis_pixel_weight's sums) and the pixels its valid samples touch (ascending, each once,
+// add_axis_weights' sums) and the pixels its valid samples touch (ascending, each once,
 // appended to `touched` with the bin boundaries in `touched_start`). Returns the number of
 // valid samples, all bins together.
 template <typename acc_t>

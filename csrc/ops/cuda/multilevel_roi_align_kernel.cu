@@ -7,7 +7,7 @@
 //                 bucketed by (image, level) keeping their order, and one block per (32 x 32-px
 //                 tile of a level of an image, group of channels) adds, RoI after RoI in order,
 //                 the footprint gradient Wy^T (G / count) Wx of the RoIs that touch its tile
-//                 into shared memory, then writes its tile once in the features' dtype (no
+//                 into registers, then writes its tile once in the features' dtype (no
 //                 zero-fill, no atomics, no cast pass): bitwise reproducible, whatever the launch
 //                 configuration. The per-element arithmetic is the CPU default's.
 #include <ATen/ATen.h>
@@ -276,21 +276,60 @@ struct OwnerOutput {
   int num_levels;
 };
 
-// Block (tile of a level of an image, channel group). Shared memory: acc [cpb][32][32],
-// wy [ph][32], wx [pw][32], t1 [cpb][ph][32] (acc_t), then the RoI list (int64).
-template <typename T, typename acc_t>
+constexpr int kOwnerRows = kOwnerTile / kWarps;  // tile rows each thread accumulates
+
+// Channels of an owner block, accumulated in registers: kOwnerRows x CPB values per thread.
+template <typename acc_t>
+constexpr int owner_wide_channels() {
+  return sizeof(acc_t) > 4 ? 8 : 16;
+}
+
+// Dynamic shared memory of an owner block: the RoI list (int64), then wy [ph][32], wx [pw][32],
+// gs [cpb][ph][pw] and t1 [cpb][ph][32] (acc_t).
+template <typename acc_t>
+size_t owner_smem_bytes(int cpb, int ph, int pw) {
+  return sizeof(int64_t) * kThreads +
+         sizeof(acc_t) * (size_t(ph + pw) * kOwnerTile + size_t(cpb) * ph * pw +
+                          size_t(cpb) * ph * kOwnerTile);
+}
+
+// First and last of `bins` weights w[p][pix] (row stride kOwnerTile) that are not zero; first >
+// last if none. Only those bins' samples reach pixel pix.
+template <typename acc_t>
+__device__ __forceinline__ void reaching_bins(const acc_t* w, int bins, int pix, int* first,
+                                              int* last) {
+  *first = bins;
+  *last = -1;
+  for (int p = 0; p < bins; ++p) {
+    if (w[p * kOwnerTile + pix] != acc_t(0)) {
+      if (*first == bins) *first = p;
+      *last = p;
+    }
+  }
+}
+
+// Block (32 x 32 tile of a level of an image, group of CPB channels). Thread (lane, warp) owns
+// tile column x = lane and rows warp + 8 r: their gradients of every channel of the group stay in
+// registers over all RoIs and are written once at the end. Per RoI touching the tile:
+//   1. the weights of each bin on the tile's rows (wy) and columns (wx), one thread per bin
+//      adding its samples in order, and the upstream gradient of the group / count (gs);
+//   2. t1[c][p][x] = sum over the bins q reaching column x of gs[c][p][q] wx[q][x];
+//   3. each owned pixel += sum over the bins p reaching its row of wy[p][y] t1[c][p][x].
+// Sums run over bins in ascending order and skip zero weights and gradients: the arithmetic of
+// the CPU default, so a non-finite gradient stays on the pixels its bin's samples touch.
+template <typename T, typename acc_t, int CPB>
 __global__ void __launch_bounds__(kThreads)
 backward_owner_kernel(OwnerOutput<T> out, const RoiFootprint<acc_t>* __restrict__ fps,
                       const int64_t* __restrict__ order, const int64_t* __restrict__ bucket_start,
                       const T* __restrict__ grad, int64_t g0, int64_t g1, int64_t g2, int64_t g3,
-                      int64_t C, int ph, int pw, int cpb) {
+                      int64_t C, int ph, int pw) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   constexpr int E = kOwnerTile;
-  acc_t* acc = reinterpret_cast<acc_t*>(smem_raw);
-  acc_t* wy = acc + cpb * E * E;
+  int64_t* list = reinterpret_cast<int64_t*>(smem_raw);
+  acc_t* wy = reinterpret_cast<acc_t*>(list + kThreads);
   acc_t* wx = wy + ph * E;
-  acc_t* t1 = wx + pw * E;
-  int64_t* list = reinterpret_cast<int64_t*>(t1 + cpb * ph * E);
+  acc_t* gs = wx + pw * E;
+  acc_t* t1 = gs + CPB * ph * pw;
   __shared__ int warp_base[kWarps + 1];
 
   // which tile
@@ -304,13 +343,18 @@ backward_owner_kernel(OwnerOutput<T> out, const RoiFootprint<acc_t>* __restrict_
   const int y0 = static_cast<int>(t / out.tiles_x[l]) * E;
   const int x0 = static_cast<int>(t % out.tiles_x[l]) * E;
   const int th = min(E, H - y0), tw = min(E, W - x0);
-  const int64_t c0 = int64_t(blockIdx.y) * cpb;
-  const int nc = static_cast<int>(min(static_cast<int64_t>(cpb), C - c0));
+  const int64_t c0 = int64_t(blockIdx.y) * CPB;
+  const int nc = static_cast<int>(min(static_cast<int64_t>(CPB), C - c0));
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 
-  for (int i = threadIdx.x; i < cpb * E * E; i += kThreads) acc[i] = acc_t(0);
+  acc_t acc[CPB][kOwnerRows];
+#pragma unroll
+  for (int c = 0; c < CPB; ++c) {
+#pragma unroll
+    for (int r = 0; r < kOwnerRows; ++r) acc[c][r] = acc_t(0);
+  }
   const int64_t bucket = b * out.num_levels + l;
   const int64_t first = bucket_start[bucket], last = bucket_start[bucket + 1];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   for (int64_t base = first; base < last; base += kThreads) {
     // the RoIs of this chunk that touch the tile, compacted in order
     const int64_t i = base + threadIdx.x;
@@ -335,75 +379,75 @@ backward_owner_kernel(OwnerOutput<T> out, const RoiFootprint<acc_t>* __restrict_
     __syncthreads();
     for (int j = 0; j < n; ++j) {
       const int64_t kk = list[j];
-      const RoiFootprint<acc_t> fp = fps[kk];
-      const int ya = max(fp.y_first, y0), yb = min(fp.y_last, y0 + th - 1);
-      const int xa = max(fp.x_first, x0), xb = min(fp.x_last, x0 + tw - 1);
-      const int hh = yb - ya + 1, ww = xb - xa + 1;
-      const RoiGeometry<acc_t>& g = fp.g;
-      for (int e = threadIdx.x; e < ph * hh; e += kThreads) {
-        const int p = e / hh, y = e % hh;
-        wy[p * E + y] = detail::axis_pixel_weight(g.start_h, g.bin_h, p, g.grid_h, H, ya + y);
+      const RoiGeometry<acc_t> g = fps[kk].g;
+      // 1. the weights of every bin on the tile (a thread per bin and axis), gs
+      for (int e = threadIdx.x; e < ph + pw; e += kThreads) {
+        const bool along_y = e < ph;
+        acc_t* w = along_y ? wy + e * E : wx + (e - ph) * E;
+        for (int x = 0; x < E; ++x) w[x] = acc_t(0);
+        if (along_y) {
+          detail::add_axis_weights(g.start_h, g.bin_h, e, g.grid_h, H, y0, th, w);
+        } else {
+          detail::add_axis_weights(g.start_w, g.bin_w, e - ph, g.grid_w, W, x0, tw, w);
+        }
       }
-      for (int e = threadIdx.x; e < pw * ww; e += kThreads) {
-        const int q = e / ww, x = e % ww;
-        wx[q * E + x] = detail::axis_pixel_weight(g.start_w, g.bin_w, q, g.grid_w, W, xa + x);
+      const acc_t inv_count = acc_t(1) / g.count;
+      for (int e = threadIdx.x; e < nc * ph * pw; e += kThreads) {  // e = (c * ph + p) * pw + q
+        const int c = e / (ph * pw), p = (e / pw) % ph, q = e % pw;
+        gs[e] = static_cast<acc_t>(grad[kk * g0 + (c0 + c) * g1 + p * g2 + q * g3]) * inv_count;
       }
       __syncthreads();
-      // t1[c][p][x] = sum_q G[c][p][q] / count * Wx[q][x] over the bins q whose samples touch
-      // column x (as the CPU default: a non-finite G stays on the pixels its bin touches)
-      const acc_t inv_count = acc_t(1) / g.count;
-      for (int e = threadIdx.x; e < nc * ph * ww; e += kThreads) {
-        const int c = e / (ph * ww), r = e % (ph * ww), p = r / ww, x = r % ww;
-        const T* gk = grad + kk * g0 + (c0 + c) * g1 + p * g2;
+      // 2. t1 over the bins reaching this thread's column
+      int q_first, q_last;
+      reaching_bins(wx, pw, lane, &q_first, &q_last);
+      for (int cp = warp; cp < nc * ph; cp += kWarps) {
+        const acc_t* gcp = gs + cp * pw;
         acc_t v = acc_t(0);
-        for (int q = 0; q < pw; ++q) {
-          const acc_t w = wx[q * E + x];
-          const acc_t gv = static_cast<acc_t>(gk[q * g3]) * inv_count;
+        for (int q = q_first; q <= q_last; ++q) {
+          const acc_t w = wx[q * E + lane], gv = gcp[q];
           if (w != acc_t(0) && gv != acc_t(0)) v += gv * w;
         }
-        t1[(c * ph + p) * E + x] = v;
+        t1[cp * E + lane] = v;
       }
       __syncthreads();
-      // acc[c][y][x] += Wy[p][y] t1[c][p][x] for the bins p whose samples touch row y, in order
-      for (int e = threadIdx.x; e < nc * hh * ww; e += kThreads) {
-        const int c = e / (hh * ww), r = e % (hh * ww), y = r / ww, x = r % ww;
-        acc_t& a = acc[(c * E + (ya - y0 + y)) * E + (xa - x0 + x)];
-        acc_t v = a;  // in a register: the shared arrays may alias as far as nvcc knows
-        for (int p = 0; p < ph; ++p) {
-          const acc_t w = wy[p * E + y];
-          if (w != acc_t(0)) v += w * t1[(c * ph + p) * E + x];
+      // 3. the owned pixels, over the bins reaching their rows (a column that no bin reaches
+      //    takes nothing)
+      if (q_first <= q_last) {
+#pragma unroll
+        for (int r = 0; r < kOwnerRows; ++r) {
+          const int y = warp + kWarps * r;
+          int p_first, p_last;
+          reaching_bins(wy, ph, y, &p_first, &p_last);
+#pragma unroll
+          for (int c = 0; c < CPB; ++c) {
+            if (c < nc) {
+              acc_t v = acc[c][r];
+              for (int p = p_first; p <= p_last; ++p) {
+                const acc_t w = wy[p * E + y];
+                if (w != acc_t(0)) v += w * t1[(c * ph + p) * E + lane];
+              }
+              acc[c][r] = v;
+            }
+          }
         }
-        a = v;
       }
-      __syncthreads();
+      __syncthreads();  // the next RoI overwrites wy, wx, gs and t1
     }
   }
-  // the zero-fill and the accumulation map threads to elements differently from the write-out;
-  // with no RoI (K = 0, an empty bucket) no barrier of the loop separates them
-  __syncthreads();
   // every element of the tile written once, RoIs or not
-  T* plane = out.data[l];
-  for (int e = threadIdx.x; e < nc * th * tw; e += kThreads) {
-    const int c = e / (th * tw), r = e % (th * tw), y = r / tw, x = r % tw;
-    plane[((b * C + c0 + c) * H + y0 + y) * int64_t(W) + x0 + x] =
-        static_cast<T>(acc[(c * E + y) * E + x]);
-  }
-}
-
-// Channels per owner block: as many as fit the 48 KB of shared memory a launch gets without
-// opting in (less the kernel's static part), at most 8.
-int owner_channels_per_block(int ph, int pw, size_t acc_size, size_t* smem) {
-  for (int cpb = 8; cpb >= 1; cpb /= 2) {
-    const size_t bytes = acc_size * (size_t(cpb) * kOwnerTile * kOwnerTile +
-                                     size_t(ph + pw) * kOwnerTile +
-                                     size_t(cpb) * ph * kOwnerTile) +
-                         sizeof(int64_t) * kThreads;
-    if (bytes <= 46 * 1024) {
-      *smem = bytes;
-      return cpb;
+  if (lane < tw) {
+    T* column = out.data[l] + (b * C + c0) * H * int64_t(W) + int64_t(y0) * W + x0 + lane;
+#pragma unroll
+    for (int r = 0; r < kOwnerRows; ++r) {
+      const int y = warp + kWarps * r;
+      if (y < th) {
+#pragma unroll
+        for (int c = 0; c < CPB; ++c) {
+          if (c < nc) column[(c * int64_t(H) + y) * W] = static_cast<T>(acc[c][r]);
+        }
+      }
     }
   }
-  return 0;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -429,9 +473,13 @@ std::vector<at::Tensor> backward_owner_cuda(const at::Tensor& grad, const at::Te
   }
   const int64_t tiles = batch_size * out.tile_start[L];
   if (tiles == 0 || channels == 0) return grads;
-  size_t smem = 0;
-  const int cpb = owner_channels_per_block(ph, pw, sizeof(acc_t), &smem);
-  TORCH_CHECK(cpb > 0, "multilevel_roi_align: output size (", ph, ", ", pw,
+  // the widest channel group whose shared memory fits the 48 KB a launch gets without opting in
+  constexpr int kWide = owner_wide_channels<acc_t>();
+  const size_t kSmemLimit = 46 * 1024;  // less the kernel's static part
+  const bool wide = owner_smem_bytes<acc_t>(kWide, ph, pw) <= kSmemLimit;
+  const int cpb = wide ? kWide : 1;
+  const size_t smem = owner_smem_bytes<acc_t>(cpb, ph, pw);
+  TORCH_CHECK(smem <= kSmemLimit, "multilevel_roi_align: output size (", ph, ", ", pw,
               ") is too large for the deterministic CUDA backward");
   auto stream = at::cuda::getCurrentCUDAStream();
   const auto long_opts = rois_acc.options().dtype(at::kLong);
@@ -455,10 +503,18 @@ std::vector<at::Tensor> backward_owner_cuda(const at::Tensor& grad, const at::Te
   const dim3 grid(static_cast<unsigned>(tiles),
                   static_cast<unsigned>((channels + cpb - 1) / cpb));
   TORCH_CHECK(grid.y <= 65535, "multilevel_roi_align: too many channels (", channels, ")");
-  backward_owner_kernel<scalar_t, acc_t><<<grid, kThreads, smem, stream>>>(
-      out, reinterpret_cast<const RoiFootprint<acc_t>*>(fps.data_ptr()),
-      order.data_ptr<int64_t>(), bucket_start.data_ptr<int64_t>(), grad.data_ptr<scalar_t>(),
-      grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3), channels, ph, pw, cpb);
+  const auto* footprints = reinterpret_cast<const RoiFootprint<acc_t>*>(fps.data_ptr());
+  if (wide) {
+    backward_owner_kernel<scalar_t, acc_t, kWide><<<grid, kThreads, smem, stream>>>(
+        out, footprints, order.data_ptr<int64_t>(), bucket_start.data_ptr<int64_t>(),
+        grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), grad.stride(2),
+        grad.stride(3), channels, ph, pw);
+  } else {
+    backward_owner_kernel<scalar_t, acc_t, 1><<<grid, kThreads, smem, stream>>>(
+        out, footprints, order.data_ptr<int64_t>(), bucket_start.data_ptr<int64_t>(),
+        grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), grad.stride(2),
+        grad.stride(3), channels, ph, pw);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return grads;
 }
