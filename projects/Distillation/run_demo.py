@@ -36,6 +36,7 @@ os.environ["PYTHONWARNINGS"] = ",".join(
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from distillation import demo  # noqa: E402
+from distillation.errors import InputError  # noqa: E402
 
 
 def main():
@@ -70,8 +71,12 @@ def main():
     demo.VERBOSE = a.verbose
     if a.jobs < 1:
         p.error("--jobs must be at least 1")
-    report = demo.run(a.output, a.preset, a.seeds, a.ablation, a.backend, a.methods, a.train,
-                      a.val, a.image_size, a.jobs, a.teacher_weights, a.teacher_config, a.task)
+    try:
+        report = demo.run(a.output, a.preset, a.seeds, a.ablation, a.backend, a.methods,
+                          a.train, a.val, a.image_size, a.jobs, a.teacher_weights,
+                          a.teacher_config, a.task)
+    except InputError as e:  # your data or weights: the message names the problem
+        p.exit(2, f"run_demo.py: {type(e).__name__}: {e}\n")
     print(open(os.path.join(a.output, "report.md")).read())
     return report
 

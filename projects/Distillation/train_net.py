@@ -9,6 +9,10 @@ Examples:
   python projects/Distillation/train_net.py --config-file CFG \
       --register-coco my_train data/train.json data/images DATASETS.TRAIN '("my_train",)'
 Without a GPU it runs on the CPU; --num-gpus N then starts N CPU processes (gloo).
+
+Before any process starts or model is built, the datasets the run reads, the class count (from
+the data) and the weight files are checked; bad input ends with one message naming the problem
+and the fix (exit status 2).
 """
 import os
 import sys
@@ -20,8 +24,9 @@ from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
 from distillation.checkpoint import DistillationCheckpointer  # noqa: E402
+from distillation.errors import InputError  # noqa: E402
 from distillation.launch import launch  # noqa: E402
-from distillation.training import Trainer, register_datasets, setup  # noqa: E402
+from distillation.training import Trainer, check_inputs, register_datasets, setup  # noqa: E402
 
 
 def main(args):
@@ -53,8 +58,19 @@ def parser():
     return p
 
 
+def run(args) -> int:
+    # checked once, before processes start: the workers get the data's class count
+    args.opts = list(args.opts) + check_inputs(args)
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
+    return 0
+
+
 if __name__ == "__main__":
     args = parser().parse_args()
     print("Command Line Args:", args)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    try:
+        sys.exit(run(args))
+    except InputError as e:  # bad input: the message names the fix, a traceback adds nothing
+        print(f"train_net.py: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)

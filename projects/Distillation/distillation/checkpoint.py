@@ -20,6 +20,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
+from .errors import InputError
 from .original_backbones import backbone_layout_mismatch
 from .weights import CONVERTED_AUTHORS, register_torchvision_handler, resolve_weights
 
@@ -113,7 +114,7 @@ def mismatched_keys(model_state: Dict[str, torch.Tensor], weights: Dict[str, obj
     return missing, unexpected, wrong
 
 
-class TeacherWeightsError(RuntimeError):
+class TeacherWeightsError(InputError, RuntimeError):
     pass
 
 
@@ -139,7 +140,7 @@ def _raise_mismatch(source: str, missing, unexpected, wrong):
 def load_teacher_weights(teacher: torch.nn.Module, path: str) -> None:
     """Load a detectron2 checkpoint (.pkl model-zoo or .pth) into the teacher, strictly."""
     checkpointer = SafeDetectionCheckpointer(teacher)
-    checkpoint = checkpointer._load_file(resolve_weights(path))
+    checkpoint = checkpointer._load_file(resolve_weights(path, "DISTILL.TEACHER.WEIGHTS"))
     weights = checkpoint["model"]
     if checkpoint.get("matching_heuristics", False):
         raise TeacherWeightsError(
@@ -217,7 +218,7 @@ def _check_backbone_layout(weights, student_state):
         raise ValueError(message)
 
 
-class IncompleteCheckpointError(RuntimeError):
+class IncompleteCheckpointError(InputError, RuntimeError):
     pass
 
 
@@ -268,7 +269,8 @@ class DistillationCheckpointer(SafeDetectionCheckpointer):
                 "OUTPUT_DIR); the model would run with random weights")
         # detectron2:// and torchvision:// forms: a clear error instead of a hang when offline
         self._source = path
-        return super().load(resolve_weights(path) if path else path, *args, **kwargs)
+        return super().load(resolve_weights(path, "MODEL.WEIGHTS") if path else path, *args,
+                            **kwargs)
 
     def _load_model(self, checkpoint):
         incompatible = self._load_weights(checkpoint)

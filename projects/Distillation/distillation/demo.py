@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from . import synthetic
+from .data_checks import DataError, check_coco_detection, parse_split
+from .errors import MissingFileError
 
 logger = logging.getLogger("distillation.demo")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -117,71 +119,11 @@ class UserData:
     image_size: Tuple[int, int] = (0, 0)  # (short side, long side) of the inputs
 
 
-def parse_split(spec: str) -> Tuple[str, str, str]:
-    """"NAME=ann.json,image_root" -> (name, json, image_root)."""
-    name, _, rest = spec.partition("=")
-    json_file, _, image_root = rest.partition(",")
-    if not (name and json_file and image_root):
-        raise ValueError(f"dataset {spec!r} is not NAME=ann.json,image_root")
-    return name, json_file, image_root
-
-
-def check_coco_detection(json_file: str, image_root: str, split: str,
-                         every_category_used: bool = True, need_masks: bool = False) -> Dict:
-    """Reads and checks a COCO detection json (with instance masks: `need_masks`); returns its
-    categories {id: name}, image count and the median (short, long) image side. Raises naming
-    the problem otherwise."""
-    if not os.path.isfile(json_file):
-        raise FileNotFoundError(f"{split}: annotation file {json_file} not found")
-    if not os.path.isdir(image_root):
-        raise FileNotFoundError(f"{split}: image folder {image_root} not found")
-    try:
-        with open(json_file) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{split}: {json_file} is not JSON ({e})") from None
-    missing = [k for k in ("images", "annotations", "categories")
-               if not isinstance(data.get(k) if isinstance(data, dict) else None, list)]
-    if missing:
-        raise ValueError(f"{split}: {json_file} is not a COCO detection json: no "
-                         f"{', '.join(repr(k) for k in missing)} list")
-    if not data["images"] or not data["categories"]:
-        raise ValueError(f"{split}: {json_file} has no images or no categories")
-    categories = {c["id"]: c["name"] for c in data["categories"]}
-    images = {im["id"]: im for im in data["images"]}
-    bad, used = [], set()
-    for a in data["annotations"]:
-        im = images.get(a.get("image_id"))
-        box = a.get("bbox")
-        if a.get("category_id") not in categories:
-            raise ValueError(f"{split}: annotation {a.get('id')} has category "
-                             f"{a.get('category_id')}, which {json_file} does not define")
-        ok = (im is not None and isinstance(box, list) and len(box) == 4 and box[2] > 0
-              and box[3] > 0 and box[0] >= -1 and box[1] >= -1
-              and box[0] + box[2] <= im["width"] + 1 and box[1] + box[3] <= im["height"] + 1)
-        if not ok:
-            bad.append(f"annotation {a.get('id')} of image {a.get('image_id')}: bbox {box}" +
-                       (f" in a {im['width']}x{im['height']} image" if im else " (no such image)"))
-        if need_masks and not isinstance(a.get("segmentation"), (list, dict)):
-            raise ValueError(f"{split}: annotation {a.get('id')} in {json_file} has no "
-                             "'segmentation' (polygons or RLE): --task segm needs instance masks")
-        used.add(a["category_id"])
-    if bad:
-        raise ValueError(f"{split}: {len(bad)} box(es) in {json_file} are empty or outside their "
-                         "image, e.g. " + "; ".join(bad[:3]))
-    unused = sorted(categories[c] for c in categories if c not in used)
-    if every_category_used and unused:
-        raise ValueError(f"{split}: categories with no instance in {json_file}: {unused} (remove "
-                         "them: a class never seen in training cannot be learned)")
-    sides = sorted((min(im["height"], im["width"]), max(im["height"], im["width"]))
-                   for im in data["images"])
-    return {"categories": categories, "images": len(images), "median_size": sides[len(sides) // 2]}
-
-
 def prepare_user_data(train_spec: str, val_spec: str,
                       image_size: Optional[Sequence[int]] = None,
                       task: str = "bbox") -> UserData:
-    """Checks and registers the user's splits; the input size defaults to the median image,
+    """Checks (data_checks.check_coco_detection: files, boxes, categories, every image file
+    present) and registers the user's splits; the input size defaults to the median image,
     capped at 800 x 1333."""
     from .training import register_datasets
 
@@ -191,8 +133,8 @@ def prepare_user_data(train_spec: str, val_spec: str,
     val_info = check_coco_detection(val[1], val[2], "val", every_category_used=False,
                                     need_masks=masks)
     if val_info["categories"] != info["categories"]:
-        raise ValueError(f"the val categories {sorted(val_info['categories'].values())} differ "
-                         f"from the train categories {sorted(info['categories'].values())}")
+        raise DataError(f"the val categories {sorted(val_info['categories'].values())} differ "
+                        f"from the train categories {sorted(info['categories'].values())}")
     register_datasets([train, val])
     short, long = image_size or (min(800, info["median_size"][0]),
                                  min(1333, info["median_size"][1]))
@@ -205,9 +147,9 @@ def prepare_user_data(train_spec: str, val_spec: str,
 def _user_data_opts(data: UserData) -> List[str]:
     short, long = data.image_size
     k = data.num_classes
+    # the teacher takes the student's class count (teacher.teacher_config)
     return ["DATASETS.TRAIN", f"('{data.train[0]}',)", "DATASETS.TEST", f"('{data.val[0]}',)",
             "MODEL.ROI_HEADS.NUM_CLASSES", str(k),
-            "DISTILL.TEACHER.OPTS", f"['MODEL.ROI_HEADS.NUM_CLASSES', {k}]",
             "INPUT.MIN_SIZE_TRAIN", f"({short},)", "INPUT.MAX_SIZE_TRAIN", str(long),
             "INPUT.MIN_SIZE_TEST", str(short), "INPUT.MAX_SIZE_TEST", str(long)]
 
@@ -554,8 +496,8 @@ def run(output: str, preset_name: str = "quick", seeds: Union[int, Sequence[int]
     if teacher_weights:
         from .weights import resolve_weights
 
-        if not os.path.isfile(resolve_weights(teacher_weights)):
-            raise FileNotFoundError(f"teacher weights {teacher_weights} not found")
+        if not os.path.isfile(resolve_weights(teacher_weights, "--teacher-weights")):
+            raise MissingFileError(f"teacher weights {teacher_weights} not found")
         teacher = (teacher_config or os.path.join(CONFIG_DIR, MODEL_CONFIGS[task][0]),
                    teacher_weights)
     elif teacher_config:

@@ -13,7 +13,8 @@ import dsig_ext
 
 from . import losses as L
 from .config import resolve_feature_loss_levels
-from .teacher import build_teacher, needs_channel_flip, teacher_images
+from .teacher import (build_teacher, class_count_mismatch, needs_channel_flip,
+                      teacher_images)
 
 logger = logging.getLogger(__name__)
 
@@ -118,9 +119,9 @@ class DistillationRCNN(nn.Module):
     @staticmethod
     def _check_compatible(cfg, tcfg):
         if cfg.MODEL.ROI_HEADS.NUM_CLASSES != tcfg.MODEL.ROI_HEADS.NUM_CLASSES:
-            raise ValueError("student and teacher must have the same ROI_HEADS.NUM_CLASSES, got "
-                             f"{cfg.MODEL.ROI_HEADS.NUM_CLASSES} and "
-                             f"{tcfg.MODEL.ROI_HEADS.NUM_CLASSES}")
+            raise class_count_mismatch("MODEL.ROI_HEADS.NUM_CLASSES",
+                                       cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+                                       tcfg.MODEL.ROI_HEADS.NUM_CLASSES)
         if cfg.MODEL.FPN.OUT_CHANNELS != tcfg.MODEL.FPN.OUT_CHANNELS:
             raise ValueError("student and teacher FPNs must have the same OUT_CHANNELS (DSIG has "
                              "no adaptation layer)")

@@ -14,7 +14,8 @@ import dsig_ext
 from . import losses as L
 from .config import resolve_feature_loss_levels
 from .meta_arch import log_graph_sizes
-from .teacher import build_teacher, needs_channel_flip, teacher_images
+from .teacher import (build_teacher, class_count_mismatch, needs_channel_flip,
+                      teacher_images)
 
 
 @META_ARCH_REGISTRY.register()
@@ -33,7 +34,8 @@ class DistillationRetinaNet(nn.Module):
                 raise ValueError(f"the teacher of {type(self).__name__} must be a RetinaNet "
                                  f"(its config builds {type(self.teacher).__name__})")
         if self.teacher.num_classes != self.student.num_classes:
-            raise ValueError("student and teacher must have the same RETINANET.NUM_CLASSES")
+            raise class_count_mismatch("MODEL.RETINANET.NUM_CLASSES", self.student.num_classes,
+                                       self.teacher.num_classes)
         if len(self.teacher.head_in_features) != len(self.student.head_in_features):
             raise ValueError("student and teacher must use the same number of FPN levels")
         self.backend = cfg.DISTILL.BACKEND

@@ -9,6 +9,7 @@ from detectron2.structures import ImageList
 
 from .checkpoint import load_teacher_weights
 from .config import add_distillation_config
+from .errors import ConfigError, MissingFileError
 from .yaml_io import read_config
 
 logger = logging.getLogger(__name__)
@@ -17,23 +18,59 @@ logger = logging.getLogger(__name__)
 def resolve_teacher_config_path(cfg) -> str:
     path = cfg.DISTILL.TEACHER.CONFIG
     if not path:
-        raise ValueError("DISTILL.TEACHER.CONFIG is empty: name the teacher's detectron2 config")
+        raise ConfigError("DISTILL.TEACHER.CONFIG is empty: name the teacher's detectron2 config")
     if not os.path.isfile(path):  # load_config already resolved paths beside the config file
-        raise FileNotFoundError(f"DISTILL.TEACHER.CONFIG {path!r} not found")
+        raise MissingFileError(f"DISTILL.TEACHER.CONFIG {path!r} not found (a relative path is "
+                               "read beside the student's config file)")
     return path
 
 
+# the class count keys: the teacher takes the student's unless DISTILL.TEACHER.OPTS sets them
+CLASS_COUNT_KEYS = ("MODEL.ROI_HEADS.NUM_CLASSES", "MODEL.RETINANET.NUM_CLASSES")
+
+
+def _get(cfg, key: str):
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def _set(cfg, key: str, value) -> None:
+    *path, last = key.split(".")
+    for part in path:
+        cfg = cfg[part]
+    cfg[last] = value
+
+
 def teacher_config(cfg):
-    """The teacher's detectron2 config: its file, DISTILL.TEACHER.OPTS, the student's device."""
+    """The teacher's detectron2 config: its file, DISTILL.TEACHER.OPTS, the student's device
+    and class count (DSIG compares the two networks' class scores: a class count in the
+    teacher's file is replaced by the student's; one in DISTILL.TEACHER.OPTS is kept, and a
+    mismatch is then refused when the model is built)."""
     tcfg = get_cfg()
     add_distillation_config(tcfg)
     tcfg.merge_from_other_cfg(CfgNode(read_config(resolve_teacher_config_path(cfg))))
-    if cfg.DISTILL.TEACHER.OPTS:
-        tcfg.merge_from_list(list(cfg.DISTILL.TEACHER.OPTS))
+    opts = list(cfg.DISTILL.TEACHER.OPTS)
+    for key in CLASS_COUNT_KEYS:
+        if key not in opts[::2]:
+            _set(tcfg, key, _get(cfg, key))
+    if opts:
+        tcfg.merge_from_list(opts)
     tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
     tcfg.MODEL.WEIGHTS = ""
     tcfg.freeze()
     return tcfg
+
+
+def class_count_mismatch(key: str, student: int, teacher: int) -> ConfigError:
+    """The error for a student and teacher with different class counts (`key` the config key,
+    e.g. MODEL.ROI_HEADS.NUM_CLASSES), naming the overrides that fix it."""
+    return ConfigError(
+        f"student and teacher must have the same class count: {key} is {student} for the "
+        f"student and {teacher} for the teacher (set by DISTILL.TEACHER.OPTS). The teacher takes "
+        f"the student's count unless DISTILL.TEACHER.OPTS sets {key}: drop it from "
+        f"DISTILL.TEACHER.OPTS, or set {key} {teacher} for the student. (train_net.py takes the "
+        "count from the training data.)")
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:

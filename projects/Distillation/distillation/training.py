@@ -1,8 +1,10 @@
 """Trainer and set-up shared by train_net.py and the tests."""
+import itertools
 import logging
 import os
 import time
 import weakref
+from typing import List
 
 import torch
 from detectron2.config import CfgNode, get_cfg
@@ -12,9 +14,14 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import DistillationCheckpointer
 from . import legacy
+from .checkpoint import DistillationCheckpointer, TeacherWeightsError
 from .config import add_distillation_config
+from .data_checks import (USER_DATASETS, DataError, MissingDataError, check_run_datasets,
+                          class_count_opts)
+from .random_init import calibrate_random_networks, frozen_bn_layers
+from .errors import ConfigError, MissingFileError
+from .weights import RANDOM_INIT_OVERRIDES, resolve_weights
 from .yaml_io import read_config
 
 logger = logging.getLogger("distillation")
@@ -24,6 +31,8 @@ def load_config(config_file: str, opts=(), allow_unsafe_yaml: bool = False):
     """get_cfg -> add_distillation_config -> merge file (safe YAML, `_BASE_`; a config written
     for the original repository is translated) -> merge opts; relative teacher config paths
     resolve against the config file's folder; no GPU -> MODEL.DEVICE cpu. Not frozen."""
+    if not os.path.isfile(config_file):
+        raise MissingFileError(f"config file {config_file} not found")
     cfg = get_cfg()
     add_distillation_config(cfg)
     data = read_config(config_file, allow_unsafe=allow_unsafe_yaml)
@@ -32,7 +41,7 @@ def load_config(config_file: str, opts=(), allow_unsafe_yaml: bool = False):
                        "(see projects/Distillation/README.md)", config_file)
         data = legacy.translate_config(data, config_file)
     cfg.merge_from_other_cfg(CfgNode(data))
-    cfg.merge_from_list(list(opts))
+    merge_options(cfg, opts)
     teacher = cfg.DISTILL.TEACHER.CONFIG
     if teacher and not os.path.isabs(teacher):
         beside = os.path.join(os.path.dirname(os.path.abspath(config_file)), teacher)
@@ -43,6 +52,21 @@ def load_config(config_file: str, opts=(), allow_unsafe_yaml: bool = False):
     return cfg
 
 
+def merge_options(cfg, opts) -> None:
+    """cfg.merge_from_list(opts), with a ConfigError naming the bad option instead of yacs's
+    bare assertion."""
+    opts = list(opts)
+    flags = [o for o in opts if str(o).startswith("--")]
+    if flags:
+        raise ConfigError(f"{flags[0]} is among the KEY VALUE config options: give flags before "
+                          "them (with start_train.sh, datasets come from DSIG_COCO_DATASETS)")
+    try:
+        cfg.merge_from_list(opts)
+    except (AssertionError, ValueError, KeyError) as e:
+        raise ConfigError(f"config options {' '.join(map(str, opts))}: {e} (options are KEY "
+                          "VALUE pairs of existing config keys)") from None
+
+
 def datasets_from_env(value: str):
     """DSIG_COCO_DATASETS="name=ann.json,image_root;name2=..." -> [(name, json, root), ...]."""
     specs = []
@@ -50,14 +74,15 @@ def datasets_from_env(value: str):
         name, _, rest = item.partition("=")
         json_file, _, image_root = rest.partition(",")
         if not (name and json_file and image_root):
-            raise ValueError(f"DSIG_COCO_DATASETS entry {item!r} is not name=ann.json,image_root")
+            raise DataError(f"DSIG_COCO_DATASETS entry {item!r} is not name=ann.json,image_root")
         specs.append((name, json_file, image_root))
     return specs
 
 
 def register_datasets(specs):
     """Register user COCO-format datasets: each spec is (name, json_file, image_root); entries
-    of the DSIG_COCO_DATASETS environment variable are added."""
+    of the DSIG_COCO_DATASETS environment variable are added. Their content is checked by
+    data_checks (check_run_datasets), which knows them as the user's."""
     from detectron2.data import DatasetCatalog
 
     specs = list(specs or []) + datasets_from_env(os.environ.get("DSIG_COCO_DATASETS", ""))
@@ -65,13 +90,70 @@ def register_datasets(specs):
         if name in DatasetCatalog.list():
             continue  # already registered (e.g. by both the flag and the environment)
         if not os.path.isfile(json_file):
-            raise FileNotFoundError(f"dataset {name}: annotation file {json_file} not found")
+            raise MissingDataError(f"dataset {name}: annotation file {json_file} not found (the "
+                                   "JSON of --register-coco / DSIG_COCO_DATASETS)")
         register_coco_instances(name, {}, json_file, image_root)
+        USER_DATASETS[name] = (json_file, image_root)
+
+
+def uses_teacher(cfg) -> bool:
+    """Whether the config's model is a distillation model (it builds and loads a teacher)."""
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    from .meta_arch import DistillationRCNN
+    from .meta_arch_retinanet import DistillationRetinaNet
+
+    arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+    return isinstance(arch, type) and issubclass(arch, (DistillationRCNN, DistillationRetinaNet))
+
+
+def will_resume(cfg, resume: bool) -> bool:
+    """Whether --resume finds a checkpoint in OUTPUT_DIR (MODEL.WEIGHTS is then not read)."""
+    return resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+
+
+def require_weights(form: str, key: str) -> str:
+    """The local file of config key `key`'s weights form: fetched now where needed; an error
+    naming the key when it cannot be, or when a local file is not there."""
+    path = resolve_weights(form, key)
+    if not os.path.isfile(path):
+        raise MissingFileError(f"{key} {form}: file not found; set {key} to the weights file "
+                               f"({RANDOM_INIT_OVERRIDES[key]} for a smoke test with random "
+                               "weights)")
+    return path
+
+
+def check_inputs(args) -> List[str]:
+    """What train_net.py checks before any process starts or model is built: the datasets the
+    run reads (data_checks.check_run_datasets: the user's read in full, image files included;
+    detectron2's COCO splits must exist), the class count (from the data, for student and
+    teacher), the weight files (fetched now, once, or an error naming the key). Returns the
+    overrides to append to the options (the class count). Raises InputError subclasses."""
+    register_datasets(args.register_coco)
+    cfg = load_config(args.config_file, args.opts,
+                      allow_unsafe_yaml=getattr(args, "allow_unsafe_yaml", False))
+    infos = check_run_datasets(cfg, eval_only=args.eval_only)
+    extra = class_count_opts(cfg, infos, args.config_file, args.opts,
+                             getattr(args, "allow_unsafe_yaml", False))
+    if cfg.MODEL.WEIGHTS and not will_resume(cfg, args.resume):
+        require_weights(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
+    if uses_teacher(cfg) and cfg.DISTILL.TEACHER.WEIGHTS:
+        require_weights(cfg.DISTILL.TEACHER.WEIGHTS, "DISTILL.TEACHER.WEIGHTS")
+    return extra
 
 
 def student_of(model):
     model = model.module if isinstance(model, DistributedDataParallel) else model
     return getattr(model, "student", model)
+
+
+def has_random_frozen_bn(model, student: bool, teacher: bool) -> bool:
+    """Whether a network that starts from random weights (the student or plain detector when
+    `student`, the teacher when `teacher`) has FrozenBN layers to calibrate."""
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    nets = ([getattr(model, "student", model)] if student else []) + (
+        [model.teacher] if teacher and hasattr(model, "teacher") else [])
+    return any(frozen_bn_layers(net.backbone) for net in nets)
 
 
 class ExportStudent(hooks.HookBase):
@@ -146,6 +228,15 @@ class AutocastTrainer(SimpleTrainer):
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
 
 
+def step_trainer(cfg, model, data_loader, optimizer) -> SimpleTrainer:
+    """The object that runs one training step as cfg asks (AutocastTrainer with
+    SOLVER.AMP.ENABLED, else detectron2's SimpleTrainer); the check runs its iteration with it."""
+    if cfg.SOLVER.AMP.ENABLED:
+        return AutocastTrainer(model, data_loader, optimizer, cfg.MODEL.DEVICE.split(":")[0],
+                               amp_dtype(cfg))
+    return SimpleTrainer(model, data_loader, optimizer)
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer with the distillation checkpointer, CPU DDP (gloo) support, COCO
     evaluation on the pycocotools path and the student export. Plain detectron2 models
@@ -160,11 +251,7 @@ class Trainer(DefaultTrainer):
         if comm.get_world_size() > 1:
             ids = [comm.get_local_rank()] if cfg.MODEL.DEVICE.startswith("cuda") else None
             model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-        if cfg.SOLVER.AMP.ENABLED:
-            self._trainer = AutocastTrainer(model, data_loader, optimizer,
-                                            cfg.MODEL.DEVICE.split(":")[0], amp_dtype(cfg))
-        else:
-            self._trainer = SimpleTrainer(model, data_loader, optimizer)
+        self._trainer = step_trainer(cfg, model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = DistillationCheckpointer(model, cfg.OUTPUT_DIR,
                                                      trainer=weakref.proxy(self))
@@ -174,13 +261,23 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def resume_or_load(self, resume=True):
+        resumed = resume and self.checkpointer.has_checkpoint()
         super().resume_or_load(resume=resume)
         model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
         if (not getattr(model, "teacher_weights_loaded", True)
                 and not self.cfg.DISTILL.TEACHER.ALLOW_RANDOM_INIT):
-            raise RuntimeError(
+            raise TeacherWeightsError(
                 "the teacher has no weights: set DISTILL.TEACHER.WEIGHTS, or give MODEL.WEIGHTS "
-                "a checkpoint with teacher.* keys (e.g. the original merged Student-Teacher file)")
+                "a checkpoint with teacher.* keys (e.g. the original merged Student-Teacher file); "
+                "for a smoke test only, DISTILL.TEACHER.ALLOW_RANDOM_INIT True")
+        # networks that start from random weights: FrozenBN statistics from the first batch
+        student = not resumed and not self.cfg.MODEL.WEIGHTS
+        teacher = not getattr(model, "teacher_weights_loaded", True)
+        if has_random_frozen_bn(model, student, teacher):
+            batch = next(self._trainer._data_loader_iter)
+            self._trainer._data_loader_iter = itertools.chain([batch],
+                                                              self._trainer._data_loader_iter)
+            self.calibrated = calibrate_random_networks(model, batch, student, teacher)
 
     def build_hooks(self):
         return super().build_hooks() + [ExportStudent(self.cfg.OUTPUT_DIR)]

@@ -8,8 +8,9 @@
   into torch hub's cache (``$TORCH_HOME``), converted to this project's names and cached.
 
 Without network access (or with ``DSIG_OFFLINE=1``) a form whose file is not cached fails at once
-with the URL to fetch and the path to put it at; nothing hangs and nothing starts from random
-weights.
+with the config key, the URL to fetch and the path to put it at; nothing hangs and nothing starts
+from random weights. `locate` says where a form's file is or would come from without fetching
+anything (train_net's --check).
 """
 import os
 import re
@@ -18,6 +19,8 @@ from collections import OrderedDict
 from urllib.parse import urlparse
 
 import torch
+
+from .errors import InputError
 
 TORCHVISION = "torchvision://"
 DETECTRON2 = "detectron2://"
@@ -32,8 +35,15 @@ ORIGINAL_LAYOUT_ARCHS = ("tonylins_mobilenet_v2", "lukemelas_efficientnet_b0")
 CONVERTED_AUTHORS = ("torchvision", "original-layout")
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(InputError, RuntimeError):
     pass
+
+
+# what a smoke test without the file sets, per config key
+RANDOM_INIT_OVERRIDES = {
+    "MODEL.WEIGHTS": "MODEL.WEIGHTS ''",
+    "DISTILL.TEACHER.WEIGHTS": "DISTILL.TEACHER.WEIGHTS '' DISTILL.TEACHER.ALLOW_RANDOM_INIT True",
+}
 
 
 # --- torchvision checkpoints -> this project's backbone names ---------------------------------
@@ -104,16 +114,25 @@ def _offline_reason(url: str, timeout: float = 5.0):
         return f"{host} is unreachable: {e}"
 
 
-def _require(url: str, local_path: str, form: str) -> bool:
+def unavailable_message(key: str, form: str, url: str, local_path: str, reason: str) -> str:
+    """What to do about a weights form that cannot be fetched here: the key, URL and path."""
+    key = key or "the config key naming it"
+    smoke = RANDOM_INIT_OVERRIDES.get(key)
+    return (f"{key} {form} needs {url}, which cannot be downloaded here ({reason}). Download it "
+            f"on a machine with internet access and put it at {local_path}, or set {key} to a "
+            "local copy of the weights"
+            + (f"; for a smoke test without it, override {smoke} (random weights)" if smoke
+               else "")
+            + ". `./start_train.sh check CONFIG` lists every file a config needs.")
+
+
+def _require(url: str, local_path: str, form: str, key: str = "") -> bool:
     """True when `local_path` exists; else raises unless `url` can be fetched."""
     if os.path.isfile(local_path):
         return True
     reason = _offline_reason(url)
     if reason:
-        raise WeightsUnavailableError(
-            f"{form} needs {url}, which cannot be downloaded here ({reason}). Download it on a "
-            f"machine with internet access and put it at {local_path}, or set the config key to "
-            "a local copy of the weights.")
+        raise WeightsUnavailableError(unavailable_message(key, form, url, local_path, reason))
     return False
 
 
@@ -133,16 +152,22 @@ def torchvision_weights(name: str):
                          f"{', '.join(w.name for w in enum)}") from None
 
 
-def torchvision_init_file(form: str) -> str:
-    """Local student initialisation file of a ``torchvision://`` form (downloaded, converted
-    and cached on first use)."""
+def _torchvision_paths(form: str):
+    """(arch, weights enum, downloaded file, converted file) of a ``torchvision://`` form."""
     arch, weights = torchvision_weights(form[len(TORCHVISION):])
     hub = torch.hub.get_dir()
     out = os.path.join(hub, "dsig", f"{arch}-{weights.name}-detectron2.pth")
+    source = os.path.join(hub, "checkpoints", os.path.basename(weights.url))
+    return arch, weights, source, out
+
+
+def torchvision_init_file(form: str, key: str = "") -> str:
+    """Local student initialisation file of a ``torchvision://`` form (downloaded, converted
+    and cached on first use)."""
+    arch, weights, source, out = _torchvision_paths(form)
     if os.path.isfile(out):
         return out
-    source = os.path.join(hub, "checkpoints", os.path.basename(weights.url))
-    if not _require(weights.url, source, form):
+    if not _require(weights.url, source, form, key):
         os.makedirs(os.path.dirname(source), exist_ok=True)
         torch.hub.download_url_to_file(weights.url, source, progress=False)
     state = torch.load(source, map_location="cpu", weights_only=True)
@@ -160,20 +185,42 @@ def zoo_cache_path(form: str) -> str:
     return os.path.join(get_cache_dir(), path)
 
 
-def zoo_file(form: str) -> str:
+def zoo_file(form: str, key: str = "") -> str:
     from detectron2.utils.file_io import PathManager
 
-    _require(ZOO_URL + form[len(DETECTRON2):], zoo_cache_path(form), form)
+    _require(ZOO_URL + form[len(DETECTRON2):], zoo_cache_path(form), form, key)
     return PathManager.get_local_path(form)
 
 
-def resolve_weights(path: str) -> str:
-    """The local file of a weights form (see the module docstring)."""
+def resolve_weights(path: str, key: str = "") -> str:
+    """The local file of a weights form (see the module docstring); `key` (the config key that
+    names it) goes into the error when it cannot be fetched."""
     if path.startswith(TORCHVISION):
-        return torchvision_init_file(path)
+        return torchvision_init_file(path, key)
     if path.startswith(DETECTRON2):
-        return zoo_file(path)
+        return zoo_file(path, key)
     return path
+
+
+def locate(form: str) -> dict:
+    """Where the file of a weights form is, or where it would come from, without fetching
+    anything: {"kind": "none" | "local" | "detectron2" | "torchvision", "path": the local file
+    (None where it is not here), "url" and "cache" (the file it would be downloaded to) for the
+    downloadable forms, "converted" for torchvision (the detectron2-named copy made from the
+    download), "reason" (why it cannot be downloaded here; None when it can, or is here)}."""
+    if not form:
+        return {"kind": "none", "path": None}
+    if form.startswith(TORCHVISION):
+        _, weights, source, out = _torchvision_paths(form)
+        here = out if os.path.isfile(out) else source if os.path.isfile(source) else None
+        return {"kind": "torchvision", "path": here, "url": weights.url, "cache": source,
+                "converted": out, "reason": None if here else _offline_reason(weights.url)}
+    if form.startswith(DETECTRON2):
+        url, cache = ZOO_URL + form[len(DETECTRON2):], zoo_cache_path(form)
+        here = cache if os.path.isfile(cache) else None
+        return {"kind": "detectron2", "path": here, "url": url, "cache": cache,
+                "reason": None if here else _offline_reason(url)}
+    return {"kind": "local", "path": form if os.path.isfile(form) else None}
 
 
 def register_torchvision_handler() -> None:

@@ -9,10 +9,12 @@ from typing import Any, Dict
 
 import yaml
 
+from .errors import InputError
+
 BASE_KEY = "_BASE_"
 
 
-class UnsafeYAMLError(ValueError):
+class UnsafeYAMLError(InputError, ValueError):
     pass
 
 
