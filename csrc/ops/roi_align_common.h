@@ -122,16 +122,24 @@ DSIG_HD AxisTap<acc_t> axis_tap(acc_t v, int size) {
   return t;
 }
 
-// Bilinear value at taps (ty, tx) of a plane with strides (sh, sw); torchvision's term order.
+// Bilinear value from the plane offsets of two rows and two columns and their weights, in
+// torchvision's term order.
+template <typename T, typename acc_t, typename index_t>
+DSIG_HD acc_t bilinear_at(const T* plane, index_t y_lo, index_t y_hi, index_t x_lo, index_t x_hi,
+                          acc_t wy_lo, acc_t wy_hi, acc_t wx_lo, acc_t wx_hi) {
+  const acc_t v1 = static_cast<acc_t>(plane[y_lo + x_lo]);
+  const acc_t v2 = static_cast<acc_t>(plane[y_lo + x_hi]);
+  const acc_t v3 = static_cast<acc_t>(plane[y_hi + x_lo]);
+  const acc_t v4 = static_cast<acc_t>(plane[y_hi + x_hi]);
+  return wy_lo * wx_lo * v1 + wy_lo * wx_hi * v2 + wy_hi * wx_lo * v3 + wy_hi * wx_hi * v4;
+}
+
+// Bilinear value at taps (ty, tx) of a plane with strides (sh, sw).
 template <typename T, typename acc_t>
 DSIG_HD acc_t bilinear(const T* plane, int64_t sh, int64_t sw, const AxisTap<acc_t>& ty,
                        const AxisTap<acc_t>& tx) {
-  const acc_t v1 = static_cast<acc_t>(plane[ty.lo * sh + tx.lo * sw]);
-  const acc_t v2 = static_cast<acc_t>(plane[ty.lo * sh + tx.hi * sw]);
-  const acc_t v3 = static_cast<acc_t>(plane[ty.hi * sh + tx.lo * sw]);
-  const acc_t v4 = static_cast<acc_t>(plane[ty.hi * sh + tx.hi * sw]);
-  return ty.w_lo * tx.w_lo * v1 + ty.w_lo * tx.w_hi * v2 + ty.w_hi * tx.w_lo * v3 +
-         ty.w_hi * tx.w_hi * v4;
+  return bilinear_at(plane, ty.lo * sh, ty.hi * sh, tx.lo * sw, tx.hi * sw, ty.w_lo, ty.w_hi,
+                     tx.w_lo, tx.w_hi);
 }
 
 // One output bin (ph, pw): mean of the bilinear samples of its grid.

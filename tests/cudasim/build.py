@@ -33,9 +33,12 @@ SANITIZE = {
     "plain": [],
 }
 
-# Grid caps of the launchers, lowered so that every grid-stride loop takes several strides on the
-# executor's small shapes (the sources default to their real caps when this is not defined).
-SIM_DEFINES = ["-DDSIG_CUDA_MAX_GRID_BLOCKS=3"]
+# Limits of the launchers, lowered for the executor's small shapes (the sources default to their
+# real values when these are not defined): grid caps, so that every grid-stride loop takes
+# several strides,
+SIM_DEFINES = ["-DDSIG_CUDA_MAX_GRID_BLOCKS=3",
+               # and the forward's tap tables hold only small planes, so both of its paths run
+               "-DDSIG_CUDA_MAX_TAP_OFFSET=2000"]
 
 
 def torch_flags():

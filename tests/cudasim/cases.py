@@ -240,6 +240,31 @@ def test_roi_align_backward_half(deterministic, dtype):
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_roi_align_backward_large_outputs(deterministic, dtype):
+    """Outputs large enough that the backward kernels' widest channel groups do not fit the
+    48 KB of shared memory (14 x 14: half as many channels per block; 28 x 28: one; 72 x 72: one,
+    with an opt-in to more shared memory): each against the CPU; an output that fits no block
+    is refused with an error."""
+    feats, rois, levels = roi_case(dtype, channels=5, n_random=4)
+    g = torch.Generator().manual_seed(2)
+    for out, k in (((14, 14), None), ((28, 28), None), ((3, 28), None), ((72, 72), 6)):
+        grad = torch.randn(len(rois[:k]), 5, *out, generator=g, dtype=torch.float64).to(dtype)
+        got, want = backward_both(grad, rois[:k], levels[:k], feats, 0, True, deterministic)
+        for sched, grads in zip(SCHEDULES, got):
+            for a, b in zip(grads, want):
+                assert_close(a, b, dtype, f"backward {out} {sched}")
+        if deterministic:
+            assert_bitwise_same(got, f"deterministic backward {out}")
+    B, C = feats[0].shape[:2]
+    hs, ws = [f.shape[2] for f in feats], [f.shape[3] for f in feats]
+    grad = torch.zeros(2, 5, 250, 250, dtype=dtype, device=SIM)
+    with pytest.raises(RuntimeError, match=r"output size \(250, 250\) is too large"):
+        OPS._multilevel_roi_align_backward(grad, rois[:2].to(SIM), levels[:2].to(SIM), SCALES, B,
+                                           C, hs, ws, 0, True, deterministic)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
 def test_roi_align_all_rois_on_one_level(deterministic):
     feats, rois, levels = roi_case(torch.float64, one_level=3, channels=5)
     got, want = forward_both(feats, rois, levels, (7, 7), 0, True)

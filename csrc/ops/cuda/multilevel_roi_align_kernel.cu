@@ -1,8 +1,9 @@
 // CUDA kernels of multi-level RoIAlign: every level in one launch, levels passed as a table.
 // Forward: one block per (RoI, channel group); the RoI's sample taps are computed once into
 // shared memory and every output sums its samples in torchvision's order. Backward, two modes:
-//   atomic        one thread per gradient element, atomicAdd of the bilinear taps into an fp32
-//                 (fp64) buffer, cast to the features' dtype;
+//   atomic        one block per (RoI, channel group) forms the RoI's footprint gradient
+//                 Wy^T (G / count) Wx, 32 x 32 pixels at a time in registers, and adds each
+//                 pixel once (atomicAdd) into an fp32 (fp64) buffer, cast to the features' dtype;
 //   deterministic owner-computes: each RoI's geometry and footprint are computed once, RoIs are
 //                 bucketed by (image, level) keeping their order, and one block per (32 x 32-px
 //                 tile of a level of an image, group of channels) adds, RoI after RoI in order,
@@ -19,6 +20,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../multilevel_roi_align.h"
@@ -46,6 +48,7 @@ struct LevelTable {
   int64_t stride_b[kMaxLevels], stride_c[kMaxLevels], stride_h[kMaxLevels], stride_w[kMaxLevels];
   int height[kMaxLevels], width[kMaxLevels];
   double scale[kMaxLevels];
+  bool offsets32[kMaxLevels];  // every pixel's offset in a (b, c) plane fits the tap tables' int
   int num_levels;
 };
 
@@ -71,21 +74,6 @@ __device__ __forceinline__ int64_t level_of(const int64_t* levels, int64_t k, in
   return (l >= 0 && l < num_levels) ? l : -1;
 }
 
-// Position (k, c, y, x) of flat output index idx of a [K, C, ph, pw] tensor.
-struct OutputIndex {
-  int64_t k, c;
-  int y, x;
-};
-
-__device__ __forceinline__ OutputIndex output_index(int64_t idx, int64_t C, int ph, int pw) {
-  OutputIndex o;
-  o.x = idx % pw;
-  o.y = (idx / pw) % ph;
-  o.c = (idx / (pw * ph)) % C;
-  o.k = idx / (int64_t(pw) * ph * C);
-  return o;
-}
-
 // Blocks of a grid-stride launch over n items (kernels that use it must loop).
 inline int blocks_for(int64_t n) {
   return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxGridBlocks));
@@ -94,6 +82,30 @@ inline int blocks_for(int64_t n) {
 // Samples per axis whose taps a forward block keeps in shared memory (7 bins x 36 samples).
 // Any RoI on its FPN level needs far fewer; a RoI needing more pools with taps computed in place.
 constexpr int kTapTable = 256;
+
+// Largest pixel offset within a (b, c) plane that the forward's tap tables hold (as int). The
+// CPU executor of this source (tests/cudasim) lowers it so that its small cases take both paths.
+#ifdef DSIG_CUDA_MAX_TAP_OFFSET
+constexpr int64_t kMaxTapOffset = DSIG_CUDA_MAX_TAP_OFFSET;
+#else
+constexpr int64_t kMaxTapOffset = INT32_MAX;
+#endif
+
+// One sample's taps along one axis as offsets into a plane (their index times the axis' stride)
+// and weights; lo < 0 marks an invalid sample. 16 bytes for float weights: one shared load.
+template <typename acc_t>
+struct alignas(16) PlaneTap {
+  int lo, hi;
+  acc_t w_lo, w_hi;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ PlaneTap<acc_t> plane_tap(acc_t v, int size, int64_t stride) {
+  const detail::AxisTap<acc_t> t = detail::axis_tap(v, size);
+  if (!t.valid) return PlaneTap<acc_t>{-1, -1, acc_t(0), acc_t(0)};
+  return PlaneTap<acc_t>{static_cast<int>(t.lo * stride), static_cast<int>(t.hi * stride),
+                         t.w_lo, t.w_hi};
+}
 
 // Channels per forward block: 32 (the RoI's taps reused over more channels), fewer when the
 // grid would leave a GPU's SMs idle (~4 blocks on each of an H100's 132).
@@ -105,9 +117,9 @@ int forward_channels_per_block(int64_t K, int64_t C) {
 }
 
 // One block per (RoI, group of cpb channels), grid-stride over RoIs. The RoI's geometry and
-// the taps of its samples along y and x (lo, hi, weights, valid: torchvision's values) are
-// computed once into shared memory and reused by all its outputs, which sum their samples'
-// taps in torchvision's order. Threads walk the outputs along x (NCHW) or along channels
+// the taps of its samples along y and x (torchvision's values, as plane offsets) are computed
+// once into shared memory and reused by all its outputs, which sum their samples' taps in
+// torchvision's order. Threads walk the outputs along x (NCHW) or along channels
 // (channels-last), the direction in which neighbouring threads read neighbouring pixels.
 template <typename T, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
@@ -115,8 +127,8 @@ forward_kernel(LevelTable<T> lv, const acc_t* __restrict__ rois,
                const int64_t* __restrict__ levels, int64_t K, int64_t C, int64_t num_images,
                int ph, int pw, int sampling_ratio, bool aligned, int cpb,
                T* __restrict__ out) {
-  __shared__ detail::AxisTap<acc_t> ytaps[kTapTable];
-  __shared__ detail::AxisTap<acc_t> xtaps[kTapTable];
+  __shared__ PlaneTap<acc_t> ytaps[kTapTable];
+  __shared__ PlaneTap<acc_t> xtaps[kTapTable];
   const int64_t c0 = int64_t(blockIdx.y) * cpb;
   const int nc = static_cast<int>(min(static_cast<int64_t>(cpb), C - c0));
   const int bins = ph * pw, outputs = nc * bins;
@@ -134,17 +146,19 @@ forward_kernel(LevelTable<T> lv, const acc_t* __restrict__ rois,
         aligned);
     const int H = lv.height[l], W = lv.width[l];
     const int ny = ph * g.grid_h, nx = pw * g.grid_w;
-    const bool tabled = ny <= kTapTable && nx <= kTapTable;
+    const bool tabled = lv.offsets32[l] && ny <= kTapTable && nx <= kTapTable;
     __syncthreads();  // the previous RoI's outputs have read its tables
     if (tabled) {
       for (int i = threadIdx.x; i < ny + nx; i += blockDim.x) {
         if (i < ny) {
-          ytaps[i] = detail::axis_tap(
-              detail::sample_coord(g.start_h, g.bin_h, i / g.grid_h, i % g.grid_h, g.grid_h), H);
+          ytaps[i] = plane_tap(
+              detail::sample_coord(g.start_h, g.bin_h, i / g.grid_h, i % g.grid_h, g.grid_h), H,
+              lv.stride_h[l]);
         } else {
           const int j = i - ny;
-          xtaps[j] = detail::axis_tap(
-              detail::sample_coord(g.start_w, g.bin_w, j / g.grid_w, j % g.grid_w, g.grid_w), W);
+          xtaps[j] = plane_tap(
+              detail::sample_coord(g.start_w, g.bin_w, j / g.grid_w, j % g.grid_w, g.grid_w), W,
+              lv.stride_w[l]);
         }
       }
     }
@@ -164,14 +178,17 @@ forward_kernel(LevelTable<T> lv, const acc_t* __restrict__ rois,
       const T* plane = base + c * lv.stride_c[l];
       acc_t v;
       if (tabled) {
+        const PlaneTap<acc_t>* ty_bin = ytaps + p * g.grid_h;
+        const PlaneTap<acc_t>* tx_bin = xtaps + q * g.grid_w;
         acc_t sum = acc_t(0);
         for (int iy = 0; iy < g.grid_h; ++iy) {
-          const detail::AxisTap<acc_t> ty = ytaps[p * g.grid_h + iy];
-          if (!ty.valid) continue;
+          const PlaneTap<acc_t> ty = ty_bin[iy];
+          if (ty.lo < 0) continue;
           for (int ix = 0; ix < g.grid_w; ++ix) {
-            const detail::AxisTap<acc_t> tx = xtaps[q * g.grid_w + ix];
-            if (!tx.valid) continue;
-            sum += detail::bilinear(plane, lv.stride_h[l], lv.stride_w[l], ty, tx);
+            const PlaneTap<acc_t> tx = tx_bin[ix];
+            if (tx.lo < 0) continue;
+            sum += detail::bilinear_at(plane, ty.lo, ty.hi, tx.lo, tx.hi, ty.w_lo, ty.w_hi,
+                                       tx.w_lo, tx.w_hi);
           }
         }
         v = sum / g.count;
@@ -183,51 +200,246 @@ forward_kernel(LevelTable<T> lv, const acc_t* __restrict__ rois,
   }
 }
 
+// --- backward: footprint gradients 32 x 32 pixels at a time ---------------------------------------
+// Both backward kernels form a RoI's gradient on its footprint, Wy^T (G / count) Wx, one 32 x 32
+// tile at a time: thread (lane, warp) owns tile column x = lane and rows warp + 8 r, and keeps
+// their sums for a group of CPB channels in registers. For one RoI and tile:
+//   1. tile_weights: the weights of each bin on the tile's rows (wy) and columns (wx), one thread
+//      per bin adding its samples in order; stage_upstream: the group's upstream gradient / count;
+//   2. column_sums: t1[c][p][x] = sum over the bins q reaching column x of gs[c][p][q] wx[q][x];
+//   3. add_rows: each owned pixel += sum over the bins p reaching its row of wy[p][y] t1[c][p][x].
+// Sums run over bins in ascending order and skip zero weights and gradients: the arithmetic of
+// the CPU default, so a non-finite gradient stays on the pixels its bin's samples touch.
+
+constexpr int kTile = 32;  // tile edge in pixels
+constexpr int kWarps = kThreads / 32;
+constexpr int kTileRows = kTile / kWarps;  // tile rows each thread accumulates
+
+// Channels of a block, accumulated in registers: kTileRows x CPB values per thread.
+template <typename acc_t>
+constexpr int wide_channels() {
+  return sizeof(acc_t) > 4 ? 8 : 16;
+}
+
+// Shared memory of the tile steps: wy [ph][32], wx [pw][32], gs [cpb][ph][pw], t1 [cpb][ph][32].
+template <typename acc_t>
+size_t tile_smem_bytes(int cpb, int ph, int pw) {
+  return sizeof(acc_t) * (size_t(ph + pw) * kTile + size_t(cpb) * ph * pw +
+                          size_t(cpb) * ph * kTile);
+}
+
+constexpr size_t kDefaultSmem = 46 * 1024;  // of the 48 KB, less the kernels' static part
+
+// Channel group width (wide, half as wide, or 1) and dynamic shared memory of a kernel of tile
+// steps with `extra` bytes of its own: the widest group that fits the 48 KB a launch gets
+// without opting in, else one channel with an opt-in up to the device's limit; 0 if none fits.
+template <typename acc_t>
+int channels_per_block(int ph, int pw, size_t extra, size_t* smem) {
+  constexpr int kWide = wide_channels<acc_t>();
+  for (int c : {kWide, kWide / 2, 1}) {
+    *smem = extra + tile_smem_bytes<acc_t>(c, ph, pw);
+    if (*smem <= kDefaultSmem) return c;
+  }
+  const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  return *smem + 2 * 1024 <= optin ? 1 : 0;
+}
+
+// launch(std::integral_constant<int, cpb>()) for a width that channels_per_block returned.
+template <typename acc_t, typename Launch>
+void with_channels_per_block(int cpb, Launch&& launch) {
+  constexpr int kWide = wide_channels<acc_t>();
+  if (cpb == kWide) {
+    launch(std::integral_constant<int, kWide>());
+  } else if (cpb == kWide / 2) {
+    launch(std::integral_constant<int, kWide / 2>());
+  } else {
+    launch(std::integral_constant<int, 1>());
+  }
+}
+
+template <typename Kernel>
+void allow_dynamic_smem(Kernel* kernel, size_t smem) {
+  if (smem > kDefaultSmem) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+}
+
+template <typename acc_t>
+struct TileSmem {
+  acc_t *wy, *wx, *gs, *t1;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ TileSmem<acc_t> tile_smem(unsigned char* raw, int cpb, int ph,
+                                                     int pw) {
+  TileSmem<acc_t> s;
+  s.wy = reinterpret_cast<acc_t*>(raw);
+  s.wx = s.wy + ph * kTile;
+  s.gs = s.wx + pw * kTile;
+  s.t1 = s.gs + cpb * ph * pw;
+  return s;
+}
+
+// Step 1 (weights) of the tile at (y0, x0), th x tw pixels of an H x W level.
+template <typename acc_t>
+__device__ __forceinline__ void tile_weights(const TileSmem<acc_t>& s,
+                                             const RoiGeometry<acc_t>& g, int ph, int pw, int H,
+                                             int W, int y0, int x0, int th, int tw) {
+  for (int e = threadIdx.x; e < ph + pw; e += kThreads) {
+    const bool along_y = e < ph;
+    acc_t* w = along_y ? s.wy + e * kTile : s.wx + (e - ph) * kTile;
+    for (int x = 0; x < kTile; ++x) w[x] = acc_t(0);
+    if (along_y) {
+      detail::add_axis_weights(g.start_h, g.bin_h, e, g.grid_h, H, y0, th, w);
+    } else {
+      detail::add_axis_weights(g.start_w, g.bin_w, e - ph, g.grid_w, W, x0, tw, w);
+    }
+  }
+}
+
+// Step 1 (upstream gradient) of RoI k for channels [c0, c0 + nc).
 template <typename T, typename acc_t>
-__global__ void backward_atomic_kernel(GradTable<acc_t> gt, const T* __restrict__ grad,
-                                       int64_t g0, int64_t g1, int64_t g2, int64_t g3,
-                                       const acc_t* __restrict__ rois,
-                                       const int64_t* __restrict__ levels, int64_t K, int64_t C,
-                                       int64_t num_images, int ph, int pw, int sampling_ratio,
-                                       bool aligned) {
-  const int64_t total = K * C * ph * pw;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
-       idx += int64_t(blockDim.x) * gridDim.x) {
-    const auto [k, c, y, x] = output_index(idx, C, ph, pw);
+__device__ __forceinline__ void stage_upstream(const TileSmem<acc_t>& s, const T* grad,
+                                               int64_t g0, int64_t g1, int64_t g2, int64_t g3,
+                                               int64_t k, int64_t c0, int nc, int ph, int pw,
+                                               acc_t count) {
+  const acc_t inv_count = acc_t(1) / count;
+  for (int e = threadIdx.x; e < nc * ph * pw; e += kThreads) {  // e = (c * ph + p) * pw + q
+    const int c = e / (ph * pw), p = (e / pw) % ph, q = e % pw;
+    s.gs[e] = static_cast<acc_t>(grad[k * g0 + (c0 + c) * g1 + p * g2 + q * g3]) * inv_count;
+  }
+}
+
+// First and last of `bins` weights w[p][pix] (row stride kTile) that are not zero; first > last
+// if none. Only those bins' samples reach pixel pix.
+template <typename acc_t>
+__device__ __forceinline__ void reaching_bins(const acc_t* w, int bins, int pix, int* first,
+                                              int* last) {
+  *first = bins;
+  *last = -1;
+  for (int p = 0; p < bins; ++p) {
+    if (w[p * kTile + pix] != acc_t(0)) {
+      if (*first == bins) *first = p;
+      *last = p;
+    }
+  }
+}
+
+// Step 2; returns whether any bin reaches this thread's column (one that none reaches takes
+// nothing in step 3).
+template <typename acc_t>
+__device__ __forceinline__ bool column_sums(const TileSmem<acc_t>& s, int nc, int ph, int pw) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int q_first, q_last;
+  reaching_bins(s.wx, pw, lane, &q_first, &q_last);
+  for (int cp = warp; cp < nc * ph; cp += kWarps) {
+    const acc_t* gcp = s.gs + cp * pw;
+    acc_t v = acc_t(0);
+    for (int q = q_first; q <= q_last; ++q) {
+      const acc_t w = s.wx[q * kTile + lane], gv = gcp[q];
+      if (w != acc_t(0) && gv != acc_t(0)) v += gv * w;
+    }
+    s.t1[cp * kTile + lane] = v;
+  }
+  return q_first <= q_last;
+}
+
+// Step 3 into this thread's registers.
+template <typename acc_t, int CPB>
+__device__ __forceinline__ void add_rows(const TileSmem<acc_t>& s, int nc, int ph,
+                                         acc_t (&acc)[CPB][kTileRows]) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int r = 0; r < kTileRows; ++r) {
+    const int y = warp + kWarps * r;
+    int p_first, p_last;
+    reaching_bins(s.wy, ph, y, &p_first, &p_last);
+    for (int p = p_first; p <= p_last; ++p) {
+      const acc_t w = s.wy[p * kTile + y];
+      if (w == acc_t(0)) continue;
+      const acc_t* t1p = s.t1 + p * kTile + lane;
+#pragma unroll
+      for (int c = 0; c < CPB; ++c) {  // independent sums: each still over p in order
+        if (c < nc) acc[c][r] += w * t1p[c * ph * kTile];
+      }
+    }
+  }
+}
+
+template <typename acc_t, int CPB>
+__device__ __forceinline__ void zero_rows(acc_t (&acc)[CPB][kTileRows]) {
+#pragma unroll
+  for (int c = 0; c < CPB; ++c) {
+#pragma unroll
+    for (int r = 0; r < kTileRows; ++r) acc[c][r] = acc_t(0);
+  }
+}
+
+// Atomic backward: one block per (RoI, group of CPB channels), grid-stride over RoIs. The RoI's
+// footprint gradient is formed tile by tile with the steps above and each pixel's sum is added
+// to the fp32 (fp64) buffer with one atomic per channel, coalesced along x: one atomic per
+// footprint pixel instead of one per sample tap that reaches it.
+template <typename T, typename acc_t, int CPB>
+__global__ void __launch_bounds__(kThreads)
+backward_atomic_kernel(GradTable<acc_t> gt, const T* __restrict__ grad, int64_t g0, int64_t g1,
+                       int64_t g2, int64_t g3, const acc_t* __restrict__ rois,
+                       const int64_t* __restrict__ levels, int64_t K, int64_t C,
+                       int64_t num_images, int ph, int pw, int sampling_ratio, bool aligned) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const TileSmem<acc_t> s = tile_smem<acc_t>(smem_raw, CPB, ph, pw);
+  __shared__ int extent[4];  // y_first, y_last, x_first, x_last of the RoI's footprint
+  const int64_t c0 = int64_t(blockIdx.y) * CPB;
+  const int nc = static_cast<int>(min(static_cast<int64_t>(CPB), C - c0));
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int64_t k = blockIdx.x; k < K; k += gridDim.x) {
     const acc_t* roi = rois + 5 * k;
     const int64_t b = batch_of(roi, num_images);
-    const int64_t l = level_of(levels, k, gt.num_levels);
-    if (b < 0 || l < 0) continue;
-    const acc_t gv = static_cast<acc_t>(grad[k * g0 + c * g1 + y * g2 + x * g3]);
-    if (gv == acc_t(0)) continue;
+    const int l = static_cast<int>(level_of(levels, k, gt.num_levels));
+    if (b < 0 || l < 0) continue;  // uniform over the block
     const RoiGeometry<acc_t> g = detail::roi_geometry<acc_t>(
         roi[1], roi[2], roi[3], roi[4], static_cast<acc_t>(gt.scale[l]), ph, pw, sampling_ratio,
         aligned);
     const int H = gt.height[l], W = gt.width[l];
-    acc_t* plane = gt.data[l] + (b * C + c) * H * W;
-    const acc_t gc = gv / g.count;
-    for (int iy = 0; iy < g.grid_h; ++iy) {
-      const auto ty = detail::axis_tap(detail::sample_coord(g.start_h, g.bin_h, y, iy, g.grid_h), H);
-      if (!ty.valid) continue;
-      for (int ix = 0; ix < g.grid_w; ++ix) {
-        const auto tx =
-            detail::axis_tap(detail::sample_coord(g.start_w, g.bin_w, x, ix, g.grid_w), W);
-        if (!tx.valid) continue;
-        const acc_t w1 = ty.w_lo * tx.w_lo, w2 = ty.w_lo * tx.w_hi, w3 = ty.w_hi * tx.w_lo,
-                    w4 = ty.w_hi * tx.w_hi;
-        if (w1 != acc_t(0)) atomicAdd(plane + int64_t(ty.lo) * W + tx.lo, gc * w1);
-        if (w2 != acc_t(0)) atomicAdd(plane + int64_t(ty.lo) * W + tx.hi, gc * w2);
-        if (w3 != acc_t(0)) atomicAdd(plane + int64_t(ty.hi) * W + tx.lo, gc * w3);
-        if (w4 != acc_t(0)) atomicAdd(plane + int64_t(ty.hi) * W + tx.hi, gc * w4);
+    __syncthreads();  // the previous RoI is done with shared memory
+    if (threadIdx.x == 0) {
+      detail::axis_extent(g.start_h, g.bin_h, ph, g.grid_h, H, &extent[0], &extent[1]);
+    } else if (threadIdx.x == 32) {
+      detail::axis_extent(g.start_w, g.bin_w, pw, g.grid_w, W, &extent[2], &extent[3]);
+    }
+    stage_upstream(s, grad, g0, g1, g2, g3, k, c0, nc, ph, pw, g.count);
+    __syncthreads();
+    const int y_first = extent[0], y_last = extent[1], x_first = extent[2], x_last = extent[3];
+    acc_t* plane = gt.data[l] + (b * C + c0) * H * int64_t(W);
+    for (int y0 = y_first; y0 <= y_last; y0 += kTile) {
+      for (int x0 = x_first; x0 <= x_last; x0 += kTile) {
+        const int th = min(kTile, y_last - y0 + 1), tw = min(kTile, x_last - x0 + 1);
+        tile_weights(s, g, ph, pw, H, W, y0, x0, th, tw);
+        __syncthreads();
+        const bool reached = column_sums(s, nc, ph, pw);
+        __syncthreads();
+        if (reached) {
+          acc_t acc[CPB][kTileRows];
+          zero_rows(acc);
+          add_rows(s, nc, ph, acc);
+#pragma unroll
+          for (int r = 0; r < kTileRows; ++r) {
+            const int y = warp + kWarps * r;
+#pragma unroll
+            for (int c = 0; c < CPB; ++c) {
+              if (c < nc && y < th && acc[c][r] != acc_t(0)) {
+                atomicAdd(plane + (c * int64_t(H) + y0 + y) * W + x0 + lane, acc[c][r]);
+              }
+            }
+          }
+        }
+        __syncthreads();  // the next tile overwrites wy, wx and t1
       }
     }
   }
 }
 
 // --- deterministic backward ----------------------------------------------------------------------
-
-constexpr int kOwnerTile = 32;  // tile edge in pixels
-constexpr int kWarps = kThreads / 32;
 
 // What the owner kernel needs of a RoI, computed once.
 template <typename acc_t>
@@ -276,47 +488,9 @@ struct OwnerOutput {
   int num_levels;
 };
 
-constexpr int kOwnerRows = kOwnerTile / kWarps;  // tile rows each thread accumulates
-
-// Channels of an owner block, accumulated in registers: kOwnerRows x CPB values per thread.
-template <typename acc_t>
-constexpr int owner_wide_channels() {
-  return sizeof(acc_t) > 4 ? 8 : 16;
-}
-
-// Dynamic shared memory of an owner block: the RoI list (int64), then wy [ph][32], wx [pw][32],
-// gs [cpb][ph][pw] and t1 [cpb][ph][32] (acc_t).
-template <typename acc_t>
-size_t owner_smem_bytes(int cpb, int ph, int pw) {
-  return sizeof(int64_t) * kThreads +
-         sizeof(acc_t) * (size_t(ph + pw) * kOwnerTile + size_t(cpb) * ph * pw +
-                          size_t(cpb) * ph * kOwnerTile);
-}
-
-// First and last of `bins` weights w[p][pix] (row stride kOwnerTile) that are not zero; first >
-// last if none. Only those bins' samples reach pixel pix.
-template <typename acc_t>
-__device__ __forceinline__ void reaching_bins(const acc_t* w, int bins, int pix, int* first,
-                                              int* last) {
-  *first = bins;
-  *last = -1;
-  for (int p = 0; p < bins; ++p) {
-    if (w[p * kOwnerTile + pix] != acc_t(0)) {
-      if (*first == bins) *first = p;
-      *last = p;
-    }
-  }
-}
-
-// Block (32 x 32 tile of a level of an image, group of CPB channels). Thread (lane, warp) owns
-// tile column x = lane and rows warp + 8 r: their gradients of every channel of the group stay in
-// registers over all RoIs and are written once at the end. Per RoI touching the tile:
-//   1. the weights of each bin on the tile's rows (wy) and columns (wx), one thread per bin
-//      adding its samples in order, and the upstream gradient of the group / count (gs);
-//   2. t1[c][p][x] = sum over the bins q reaching column x of gs[c][p][q] wx[q][x];
-//   3. each owned pixel += sum over the bins p reaching its row of wy[p][y] t1[c][p][x].
-// Sums run over bins in ascending order and skip zero weights and gradients: the arithmetic of
-// the CPU default, so a non-finite gradient stays on the pixels its bin's samples touch.
+// Block (32 x 32 tile of a level of an image, group of CPB channels): the tile's gradients stay
+// in registers over all the RoIs that touch it, in order, and are written once at the end.
+// Dynamic shared memory: the RoI list (int64), then the tile steps' arrays.
 template <typename T, typename acc_t, int CPB>
 __global__ void __launch_bounds__(kThreads)
 backward_owner_kernel(OwnerOutput<T> out, const RoiFootprint<acc_t>* __restrict__ fps,
@@ -324,12 +498,8 @@ backward_owner_kernel(OwnerOutput<T> out, const RoiFootprint<acc_t>* __restrict_
                       const T* __restrict__ grad, int64_t g0, int64_t g1, int64_t g2, int64_t g3,
                       int64_t C, int ph, int pw) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  constexpr int E = kOwnerTile;
   int64_t* list = reinterpret_cast<int64_t*>(smem_raw);
-  acc_t* wy = reinterpret_cast<acc_t*>(list + kThreads);
-  acc_t* wx = wy + ph * E;
-  acc_t* gs = wx + pw * E;
-  acc_t* t1 = gs + CPB * ph * pw;
+  const TileSmem<acc_t> s = tile_smem<acc_t>(smem_raw + sizeof(int64_t) * kThreads, CPB, ph, pw);
   __shared__ int warp_base[kWarps + 1];
 
   // which tile
@@ -340,19 +510,15 @@ backward_owner_kernel(OwnerOutput<T> out, const RoiFootprint<acc_t>* __restrict_
   while (l + 1 < out.num_levels && out.tile_start[l + 1] <= t) ++l;
   t -= out.tile_start[l];
   const int H = out.height[l], W = out.width[l];
-  const int y0 = static_cast<int>(t / out.tiles_x[l]) * E;
-  const int x0 = static_cast<int>(t % out.tiles_x[l]) * E;
-  const int th = min(E, H - y0), tw = min(E, W - x0);
+  const int y0 = static_cast<int>(t / out.tiles_x[l]) * kTile;
+  const int x0 = static_cast<int>(t % out.tiles_x[l]) * kTile;
+  const int th = min(kTile, H - y0), tw = min(kTile, W - x0);
   const int64_t c0 = int64_t(blockIdx.y) * CPB;
   const int nc = static_cast<int>(min(static_cast<int64_t>(CPB), C - c0));
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 
-  acc_t acc[CPB][kOwnerRows];
-#pragma unroll
-  for (int c = 0; c < CPB; ++c) {
-#pragma unroll
-    for (int r = 0; r < kOwnerRows; ++r) acc[c][r] = acc_t(0);
-  }
+  acc_t acc[CPB][kTileRows];
+  zero_rows(acc);
   const int64_t bucket = b * out.num_levels + l;
   const int64_t first = bucket_start[bucket], last = bucket_start[bucket + 1];
   for (int64_t base = first; base < last; base += kThreads) {
@@ -380,57 +546,12 @@ backward_owner_kernel(OwnerOutput<T> out, const RoiFootprint<acc_t>* __restrict_
     for (int j = 0; j < n; ++j) {
       const int64_t kk = list[j];
       const RoiGeometry<acc_t> g = fps[kk].g;
-      // 1. the weights of every bin on the tile (a thread per bin and axis), gs
-      for (int e = threadIdx.x; e < ph + pw; e += kThreads) {
-        const bool along_y = e < ph;
-        acc_t* w = along_y ? wy + e * E : wx + (e - ph) * E;
-        for (int x = 0; x < E; ++x) w[x] = acc_t(0);
-        if (along_y) {
-          detail::add_axis_weights(g.start_h, g.bin_h, e, g.grid_h, H, y0, th, w);
-        } else {
-          detail::add_axis_weights(g.start_w, g.bin_w, e - ph, g.grid_w, W, x0, tw, w);
-        }
-      }
-      const acc_t inv_count = acc_t(1) / g.count;
-      for (int e = threadIdx.x; e < nc * ph * pw; e += kThreads) {  // e = (c * ph + p) * pw + q
-        const int c = e / (ph * pw), p = (e / pw) % ph, q = e % pw;
-        gs[e] = static_cast<acc_t>(grad[kk * g0 + (c0 + c) * g1 + p * g2 + q * g3]) * inv_count;
-      }
+      tile_weights(s, g, ph, pw, H, W, y0, x0, th, tw);
+      stage_upstream(s, grad, g0, g1, g2, g3, kk, c0, nc, ph, pw, g.count);
       __syncthreads();
-      // 2. t1 over the bins reaching this thread's column
-      int q_first, q_last;
-      reaching_bins(wx, pw, lane, &q_first, &q_last);
-      for (int cp = warp; cp < nc * ph; cp += kWarps) {
-        const acc_t* gcp = gs + cp * pw;
-        acc_t v = acc_t(0);
-        for (int q = q_first; q <= q_last; ++q) {
-          const acc_t w = wx[q * E + lane], gv = gcp[q];
-          if (w != acc_t(0) && gv != acc_t(0)) v += gv * w;
-        }
-        t1[cp * E + lane] = v;
-      }
+      const bool reached = column_sums(s, nc, ph, pw);
       __syncthreads();
-      // 3. the owned pixels, over the bins reaching their rows (a column that no bin reaches
-      //    takes nothing)
-      if (q_first <= q_last) {
-#pragma unroll
-        for (int r = 0; r < kOwnerRows; ++r) {
-          const int y = warp + kWarps * r;
-          int p_first, p_last;
-          reaching_bins(wy, ph, y, &p_first, &p_last);
-#pragma unroll
-          for (int c = 0; c < CPB; ++c) {
-            if (c < nc) {
-              acc_t v = acc[c][r];
-              for (int p = p_first; p <= p_last; ++p) {
-                const acc_t w = wy[p * E + y];
-                if (w != acc_t(0)) v += w * t1[(c * ph + p) * E + lane];
-              }
-              acc[c][r] = v;
-            }
-          }
-        }
-      }
+      if (reached) add_rows(s, nc, ph, acc);
       __syncthreads();  // the next RoI overwrites wy, wx, gs and t1
     }
   }
@@ -438,7 +559,7 @@ backward_owner_kernel(OwnerOutput<T> out, const RoiFootprint<acc_t>* __restrict_
   if (lane < tw) {
     T* column = out.data[l] + (b * C + c0) * H * int64_t(W) + int64_t(y0) * W + x0 + lane;
 #pragma unroll
-    for (int r = 0; r < kOwnerRows; ++r) {
+    for (int r = 0; r < kTileRows; ++r) {
       const int y = warp + kWarps * r;
       if (y < th) {
 #pragma unroll
@@ -467,19 +588,15 @@ std::vector<at::Tensor> backward_owner_cuda(const at::Tensor& grad, const at::Te
     out.data[l] = grads.back().data_ptr<scalar_t>();
     out.height[l] = gt.height[l];
     out.width[l] = gt.width[l];
-    out.tiles_x[l] = (gt.width[l] + kOwnerTile - 1) / kOwnerTile;
+    out.tiles_x[l] = (gt.width[l] + kTile - 1) / kTile;
     out.tile_start[l + 1] =
-        out.tile_start[l] + int64_t(out.tiles_x[l]) * ((gt.height[l] + kOwnerTile - 1) / kOwnerTile);
+        out.tile_start[l] + int64_t(out.tiles_x[l]) * ((gt.height[l] + kTile - 1) / kTile);
   }
   const int64_t tiles = batch_size * out.tile_start[L];
   if (tiles == 0 || channels == 0) return grads;
-  // the widest channel group whose shared memory fits the 48 KB a launch gets without opting in
-  constexpr int kWide = owner_wide_channels<acc_t>();
-  const size_t kSmemLimit = 46 * 1024;  // less the kernel's static part
-  const bool wide = owner_smem_bytes<acc_t>(kWide, ph, pw) <= kSmemLimit;
-  const int cpb = wide ? kWide : 1;
-  const size_t smem = owner_smem_bytes<acc_t>(cpb, ph, pw);
-  TORCH_CHECK(smem <= kSmemLimit, "multilevel_roi_align: output size (", ph, ", ", pw,
+  size_t smem = 0;
+  const int cpb = channels_per_block<acc_t>(ph, pw, sizeof(int64_t) * kThreads, &smem);
+  TORCH_CHECK(cpb > 0, "multilevel_roi_align: output size (", ph, ", ", pw,
               ") is too large for the deterministic CUDA backward");
   auto stream = at::cuda::getCurrentCUDAStream();
   const auto long_opts = rois_acc.options().dtype(at::kLong);
@@ -504,17 +621,14 @@ std::vector<at::Tensor> backward_owner_cuda(const at::Tensor& grad, const at::Te
                   static_cast<unsigned>((channels + cpb - 1) / cpb));
   TORCH_CHECK(grid.y <= 65535, "multilevel_roi_align: too many channels (", channels, ")");
   const auto* footprints = reinterpret_cast<const RoiFootprint<acc_t>*>(fps.data_ptr());
-  if (wide) {
-    backward_owner_kernel<scalar_t, acc_t, kWide><<<grid, kThreads, smem, stream>>>(
+  with_channels_per_block<acc_t>(cpb, [&](auto group) {
+    constexpr int kGroup = decltype(group)::value;
+    allow_dynamic_smem(backward_owner_kernel<scalar_t, acc_t, kGroup>, smem);
+    backward_owner_kernel<scalar_t, acc_t, kGroup><<<grid, kThreads, smem, stream>>>(
         out, footprints, order.data_ptr<int64_t>(), bucket_start.data_ptr<int64_t>(),
         grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), grad.stride(2),
         grad.stride(3), channels, ph, pw);
-  } else {
-    backward_owner_kernel<scalar_t, acc_t, 1><<<grid, kThreads, smem, stream>>>(
-        out, footprints, order.data_ptr<int64_t>(), bucket_start.data_ptr<int64_t>(),
-        grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), grad.stride(2),
-        grad.stride(3), channels, ph, pw);
-  }
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return grads;
 }
@@ -551,6 +665,8 @@ at::Tensor multilevel_roi_align_forward_cuda(at::TensorList features, const at::
       lv.height[l] = static_cast<int>(f.size(2));
       lv.width[l] = static_cast<int>(f.size(3));
       lv.scale[l] = spatial_scales[l];
+      lv.offsets32[l] = (f.size(2) - 1) * std::abs(f.stride(2)) +
+                            (f.size(3) - 1) * std::abs(f.stride(3)) <= kMaxTapOffset;
     }
     const int cpb = forward_channels_per_block(K, C);
     const dim3 grid(static_cast<unsigned>(std::min<int64_t>(K, kMaxGridBlocks)),
@@ -598,11 +714,22 @@ std::vector<at::Tensor> multilevel_roi_align_backward_cuda(
         zero_level_grads(grad, batch_size, channels, heights, widths);
     if (grad.numel() > 0 && batch_size > 0) {
       for (int l = 0; l < L; ++l) gt.data[l] = acc_grads[l].data_ptr<acc_t>();
-      backward_atomic_kernel<scalar_t, acc_t>
-          <<<blocks_for(grad.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              gt, grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), grad.stride(2),
-              grad.stride(3), rois_acc.data_ptr<acc_t>(), levels64.data_ptr<int64_t>(), K,
-              channels, batch_size, ph, pw, static_cast<int>(sampling_ratio), aligned);
+      size_t smem = 0;
+      const int cpb = channels_per_block<acc_t>(ph, pw, 0, &smem);
+      TORCH_CHECK(cpb > 0, "multilevel_roi_align: output size (", ph, ", ", pw,
+                  ") is too large for the CUDA backward");
+      const dim3 grid(static_cast<unsigned>(std::min<int64_t>(K, kMaxGridBlocks)),
+                      static_cast<unsigned>((channels + cpb - 1) / cpb));
+      TORCH_CHECK(grid.y <= 65535, "multilevel_roi_align: too many channels (", channels, ")");
+      with_channels_per_block<acc_t>(cpb, [&](auto group) {
+        constexpr int kGroup = decltype(group)::value;
+        allow_dynamic_smem(backward_atomic_kernel<scalar_t, acc_t, kGroup>, smem);
+        backward_atomic_kernel<scalar_t, acc_t, kGroup>
+            <<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+            gt, grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), grad.stride(2),
+            grad.stride(3), rois_acc.data_ptr<acc_t>(), levels64.data_ptr<int64_t>(), K,
+            channels, batch_size, ph, pw, static_cast<int>(sampling_ratio), aligned);
+      });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     result = cast_level_grads(std::move(acc_grads), grad.scalar_type());
