@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Usage: ./start_train.sh MODE CONFIG [KEY VALUE ...]
-#   MODE: train | eval | debugtrain (one process, one image per batch)
+#   MODE: train | eval | debugtrain (one process, one image per batch) | check (the config end
+#   to end, offline, training nothing: weights, datasets, one iteration; prints the overrides
+#   that make it run here)
 # CONFIG: a path from the current directory (or from the repository root); the run itself
 #   starts in the repository root, where relative paths in KEY VALUE are read.
 # Datasets of your own: DSIG_COCO_DATASETS="name=ann.json,image_root;..." (COCO json).
@@ -11,13 +13,13 @@
 # DSIG_DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 if [ $# -lt 2 ]; then
-  sed -n '2,11p' "$0"; exit 2
+  sed -n '2,13p' "$0"; exit 2
 fi
 MODE=$1; CONFIG=$2; shift 2
 # Everything that can be refused is refused before torch is imported or a banner printed.
 case "$MODE" in
-  train|eval|debugtrain) ;;
-  *) echo "start_train.sh: unknown mode '$MODE'; use train, eval or debugtrain" >&2; exit 2 ;;
+  train|eval|debugtrain|check) ;;
+  *) echo "start_train.sh: unknown mode '$MODE'; use train, eval, debugtrain or check" >&2; exit 2 ;;
 esac
 if [ $(($# % 2)) -ne 0 ]; then
   echo "start_train.sh: options must be KEY VALUE pairs, got an odd count ($#): $*" >&2; exit 2
@@ -48,6 +50,7 @@ case "$MODE" in
   train) RUN_DIR=$OUT ;;
   eval) RUN_DIR=$OUT.eval ;;
   debugtrain) RUN_DIR=$OUT.debug ;;
+  check) RUN_DIR= ;;
 esac
 WEIGHTS=$OUT/model_final.pth
 # detectron2 applies KEY VALUE pairs in order: the last OUTPUT_DIR / MODEL.WEIGHTS given wins.
@@ -76,15 +79,22 @@ case "$MODE" in
   debugtrain)
     cmd=("$PY" "$TRAIN" --config-file "$CONFIG_ABS" --num-gpus 1
          OUTPUT_DIR "$OUT.debug" SOLVER.IMS_PER_BATCH 1 "$@") ;;
+  check)  # the batch is checked against the processes `train` would start
+    cmd=("$PY" "$TRAIN" --config-file "$CONFIG_ABS" --check --num-gpus "$GPUS" "$@") ;;
 esac
 where() {  # a path as the run reads it: relative ones from the repository root
   case "$1" in /*) echo "$1" ;; *) echo "$ROOT/${1#./}" ;; esac
 }
 banner="[start_train] $MODE $CONFIG -> $(where "$RUN_DIR")"
 [ "$MODE" = eval ] && banner="$banner (weights $(where "$WEIGHTS"))"
-echo "$banner ($GPUS process(es)) at $(date)"
+banner="$banner ($GPUS process(es))"
+[ "$MODE" = check ] && banner="[start_train] check $CONFIG: trains nothing, downloads nothing (the \
+batch is checked for $GPUS process(es))"
+echo "$banner at $(date)"
 if [ "${DSIG_DRY_RUN:-0}" = 1 ]; then
   echo "[start_train] dry run, in $ROOT:"; printf '%q ' "${cmd[@]}"; echo; exit 0
 fi
-"${cmd[@]}"
-echo "[start_train] finished at $(date)"
+status=0
+"${cmd[@]}" || status=$?
+echo "[start_train] finished at $(date)$([ $status = 0 ] || echo " (exit status $status)")"
+exit $status

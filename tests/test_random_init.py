@@ -110,3 +110,27 @@ def test_calibration_agrees_across_processes(tmp_path):
     for conv, norm in (("0", "0.norm"), ("2", "3")):
         assert torch.allclose(a[f"{norm}.running_var"], torch.full((8,), 1 - 1e-5))
         assert not torch.allclose(a[f"{conv}.weight"], fresh[f"{conv}.weight"])
+
+
+def test_calibration_is_deterministic_with_stochastic_depth(tmp_path):
+    """EfficientNet-B0 drops residual branches at random while training: the calibration pass
+    runs in eval mode, so the statistics do not depend on which branches a pass dropped, and
+    the network goes back to training mode."""
+    import copy
+
+    from distillation.backbones import build_efficientnet_b0
+
+    cfg = load_config(os.path.join(CONFIGS, "Distillation-FasterRCNN-EB0-R101-dsig-1x.yaml"),
+                      tiny_opts("unused", str(tmp_path)))
+    torch.manual_seed(0)
+    net = build_efficientnet_b0(cfg).train()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    states = []
+    for seed in (1, 2):
+        copy_ = copy.deepcopy(net)
+        torch.manual_seed(seed)  # the stochastic-depth draws of a training-mode pass
+        calibrate_frozen_bn(copy_, images)
+        assert copy_.training
+        states.append(copy_.state_dict())
+    for k in states[0]:
+        torch.testing.assert_close(states[0][k], states[1][k], msg=k)

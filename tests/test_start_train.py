@@ -51,7 +51,7 @@ def opt(call, key):
 def test_bad_mode_is_refused_before_anything_runs(fake_python):
     proc, calls = run(["trian", CONFIG], fake_python)
     assert proc.returncode == 2
-    assert "unknown mode 'trian'; use train, eval or debugtrain" in proc.stderr
+    assert "unknown mode 'trian'; use train, eval, debugtrain or check" in proc.stderr
     assert proc.stdout == "" and calls == []  # no banner, no torch import for the GPU count
 
 
@@ -121,3 +121,15 @@ def test_dry_run_prints_the_command_and_runs_nothing(fake_python):
     assert command[1:] == ["projects/Distillation/train_net.py", "--config-file",
                            os.path.join(ROOT, CONFIG), "--num-gpus", "1", "OUTPUT_DIR",
                            OUT + ".debug", "SOLVER.IMS_PER_BATCH", "1", "SOLVER.MAX_ITER", "2"]
+
+
+def test_check_mode_checks_for_the_processes_train_would_start(fake_python):
+    """check runs train_net.py --check with the GPU count `train` would use (for the batch
+    check), the options as given, and no OUTPUT_DIR: it writes no run folder."""
+    proc, calls = run(["check", CONFIG, "SOLVER.MAX_ITER", "2"], fake_python, NUM_GPUS="4")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].startswith(
+        f"[start_train] check {CONFIG}: trains nothing, downloads nothing (the batch is checked for "
+        "4 process(es))")
+    assert train_call(calls)[1:] == ["--config-file", os.path.join(ROOT, CONFIG), "--check",
+                                     "--num-gpus", "4", "SOLVER.MAX_ITER", "2"]

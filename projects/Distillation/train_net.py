@@ -8,11 +8,12 @@ Examples:
   python projects/Distillation/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS out/model_final.pth
   python projects/Distillation/train_net.py --config-file CFG \
       --register-coco my_train data/train.json data/images DATASETS.TRAIN '("my_train",)'
+  python projects/Distillation/train_net.py --config-file CFG --check     # before a long run
 Without a GPU it runs on the CPU; --num-gpus N then starts N CPU processes (gloo).
 
 Before any process starts or model is built, the datasets the run reads, the class count (from
 the data) and the weight files are checked; bad input ends with one message naming the problem
-and the fix (exit status 2).
+and the fix (exit status 2). --check goes further and trains nothing (distillation/check.py).
 """
 import os
 import sys
@@ -55,10 +56,19 @@ def parser():
     p.add_argument("--register-coco", nargs=3, action="append", default=[],
                    metavar=("NAME", "JSON", "IMAGE_ROOT"),
                    help="register a COCO-format dataset of your own (repeatable)")
+    p.add_argument("--check", action="store_true",
+                   help="check the config end to end and train nothing: build student and "
+                        "teacher, locate every weight file (nothing is downloaded), check the "
+                        "datasets, run one iteration on one image; prints what it found and the "
+                        "overrides that make the config run here (exit status 1 if it does not)")
     return p
 
 
 def run(args) -> int:
+    if args.check:
+        from distillation.check import run_check
+
+        return run_check(args)
     # checked once, before processes start: the workers get the data's class count
     args.opts = list(args.opts) + check_inputs(args)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,

@@ -92,9 +92,12 @@ def calibrate_frozen_bn(backbone: nn.Module, images: torch.Tensor) -> int:
     handles = [layer.register_forward_pre_hook(measure) for layer in layers]
     handles += [m.register_forward_hook(record) for m in backbone.modules()
                 if isinstance(m, nn.Conv2d)]
+    training = backbone.training
+    backbone.eval()  # deterministic: no stochastic depth or dropout in the measured pass
     try:
         backbone(images)
     finally:
+        backbone.train(training)
         for h in handles:
             h.remove()
     return len(layers)
