@@ -350,6 +350,8 @@ class Kernel:
         self.name = m.group(1) if m else (plain.group(1) if plain else demangled)
         self.template = m.group(2) if m else ""
         self.dtype = _dtype_of(self.template)
+        last = re.search(r",\s*(\d+)$", self.template)
+        self.cpb = int(last.group(1)) if last else None  # a trailing int template argument
 
     def innermost(self):
         return [lp for lp in self.loops if not lp.children]
@@ -439,6 +441,18 @@ def axis_taps(start, length, size):
     return lo, hi, valid
 
 
+def axis_reach(lo, hi, valid, first, last):
+    """Per pixel of [first, last] along one axis, the bins from the first to the last whose
+    samples tap it (reaching_bins' span, the trips of a pixel's loop over bins; 0: none)."""
+    touch = np.zeros((POOLED, last - first + 1), bool)
+    for p in range(POOLED):
+        touch[p, lo[p][valid[p]] - first] = True
+        touch[p, hi[p][valid[p]] - first] = True
+    first_p = np.argmax(touch, axis=0)
+    last_p = POOLED - 1 - np.argmax(touch[::-1], axis=0)
+    return np.where(touch.any(axis=0), last_p - first_p + 1, 0)
+
+
 class Roi:
     def __init__(self, image, box, level):
         self.image, self.level = image, level
@@ -455,6 +469,8 @@ class Roi:
         if self.yv.any() and self.xv.any():
             self.extent = (int(self.ylo[self.yv].min()), int(self.yhi[self.yv].max()),
                            int(self.xlo[self.xv].min()), int(self.xhi[self.xv].max()))
+            self.y_span = axis_reach(self.ylo, self.yhi, self.yv, *self.extent[:2])
+            self.x_span = axis_reach(self.xlo, self.xhi, self.xv, *self.extent[2:])
 
     @property
     def footprint_px(self):
@@ -494,6 +510,7 @@ def warp_traffic(roi, elem_bytes):
     sectors = np.where(per_instr >= 0, per_instr // 32, -1)
     per_warp = addr.transpose(2, 0, 1, 4, 5, 3).reshape(BINS, -1)
     return {"l1_wavefronts": float(_distinct_per_row(lines).sum()),
+            "warp_loads": float(per_instr.shape[0]),
             "sector_ops": float(_distinct_per_row(sectors).sum()),
             "l2_sectors": float(_distinct_per_row(np.where(per_warp >= 0, per_warp // 32,
                                                             -1)).sum())}
@@ -702,190 +719,489 @@ def kernel_occupancy(kernel, threads, dynamic_smem=0):
 # come from the workload; the instructions per trip from the kernel's own SASS.
 
 LOADS, ATOMICS = ("LDG",), ("RED", "REDG", "ATOM", "ATOMG")
+FMA = ("FFMA", "DFMA")
 FORWARD_CHANNELS_PER_BLOCK = 32  # forward_channels_per_block() at these K (K*8 >= 4*132 blocks)
 
 
-def per_output_gather(kernel, wl, elem_bytes, scatter=False):
-    """RoIAlign forward or atomic backward: a warp holds 32 consecutive outputs (c, bin) of one
-    RoI, loops over the bin's sample rows (iy, gh trips) and samples (ix, gw trips), and per
-    sample loads (forward) or atomically adds (backward) 4 taps.
-    - the sample loop is the innermost loop with the most LDG (RED for the backward), 4 per
-      sample; its parent is the row loop, whose parent is the output loop;
-    - every sample's body is executed (the `valid` skip is taken only outside the image, < 1 %
-      of the samples here), trip counts are uniform over a warp (one RoI per warp);
-    - a design with a loop above the output loop is the block-per-(RoI, 32 channels) forward:
-      what lies outside the output loop (geometry, tap tables) runs once per warp per block;
-      otherwise one thread per output: it runs once per warp;
+def forward_gather(kernel, wl, elem_bytes):
+    """RoIAlign forward: one block per (RoI, 32 channels), 256 threads, grid-stride over RoIs.
+    Per RoI the block writes the taps of its samples along y and x (16-byte PlaneTap: two int
+    plane offsets and two weights) to shared memory; each thread then takes outputs (c, bin)
+    along x (NCHW), so a warp holds 32 consecutive outputs, loops over the bin's sample rows (iy,
+    gh trips, one LDS.128 of ty) and samples (ix, gw trips, one LDS.128 of tx) and loads 4 taps.
+    - the sample loop is the innermost loop with LDG and LDS (the tabled path; the in-place path
+      for planes whose offsets exceed int loads no taps from shared memory and does not run
+      here), 4 LDG per sample; its parent is the row loop, whose parent is the output loop;
+    - every sample's body is executed (the `lo < 0` skip is taken only outside the image, < 1 %
+      of the samples here), trip counts are uniform over a warp (one RoI per block);
+    - the output loop's own code counts once per output, as executed: it holds the in-place
+      path's straight-line code too (its loops are left out);
+    - what lies outside the output loop (geometry, the tap tables' fill loops, 2 barriers) counts
+      once per warp and block per RoI: an upper bound, 7 (gh + gw) taps busy 1-2 of the 8 warps;
+    - shared memory: 4 wavefronts per LDS.128 (no credit for broadcasts; far from binding);
     - memory: the lines and sectors of warp_traffic (NCHW), the output written once; DRAM reads
-      the RoIs' tap footprints once each, capped at the pyramid (L2 keeps one RoI's reuse); the
-      atomic buffer is read and written once per touched fp32 element."""
-    ops = ATOMICS if scatter else LOADS
-    sample = hottest(kernel.innermost(), ops)
+      the RoIs' tap footprints once each, capped at the pyramid (L2 keeps one RoI's reuse)."""
+    tabled = [lp for lp in kernel.innermost()
+              if marker_count(lp.counts, LOADS) and marker_count(lp.counts, ["LDS"])]
+    sample = hottest(tabled, LOADS)
     row = sample.parent
     out = row.parent if row else None
-    if out is None:
-        raise NoModel("expected the sample loop inside a row loop inside an output loop")
-    u = unit_cost(sample, ops, 4)
-    ov_row, ov_out = overhead(row, u, ops, 4), overhead(out, u, ops, 4)
+    if out is None or out.parent is None:
+        raise NoModel("expected the sample loop in a row loop in an output loop in a RoI loop")
+    u = unit_cost(sample, LOADS, 4)
+    ov_row, ov_out = overhead(row, u, LOADS, 4), overhead(out, u, LOADS, 4)
     outside = function_outside(kernel, out)
-    per_block = out.parent is not None
     cost = Cost(kernel.name, kernel, kernel_occupancy(kernel, 256))
-    cost.blocks = (wl.K * CHANNELS // FORWARD_CHANNELS_PER_BLOCK if per_block
-                   else math.ceil(wl.K * CHANNELS * BINS / 256))
+    cost.blocks = wl.K * CHANNELS // FORWARD_CHANNELS_PER_BLOCK
     warp_iters_per_roi = CHANNELS * BINS / 32
-    outside_warps_per_roi = (CHANNELS / FORWARD_CHANNELS_PER_BLOCK * 8 if per_block
-                             else warp_iters_per_roi)
+    outside_warps_per_roi = CHANNELS / FORWARD_CHANNELS_PER_BLOCK * 8
     for roi in wl.rois:
         cost.instr.update(scaled(add(ov_out, scaled(ov_row, roi.gh), scaled(u, roi.samples)),
                                  warp_iters_per_roi))
         cost.instr.update(scaled(outside, outside_warps_per_roi))
     groups = wl.K * CHANNELS / 32
-    tr = wl.traffic(4 if scatter else elem_bytes)
+    tr = wl.traffic(elem_bytes)
     out_bytes = wl.K * CHANNELS * BINS * elem_bytes
     touched = min(wl.footprint_px * CHANNELS, wl.batch * roofline.pyramid_elements())
-    if scatter:
-        cost.l1_wavefronts = tr["l1_wavefronts"] * groups + wl.K * warp_iters_per_roi
-        cost.atomic_sector_ops = tr["sector_ops"] * groups  # their L2 traffic is this term
-        cost.l2_bytes = out_bytes
-        cost.dram_bytes = out_bytes + 2 * touched * 4
-    else:
-        cost.l1_wavefronts = tr["l1_wavefronts"] * groups + wl.K * warp_iters_per_roi
-        cost.l2_bytes = tr["l2_sectors"] * groups * 32 + out_bytes
-        cost.dram_bytes = out_bytes + touched * elem_bytes
+    cost.l1_wavefronts = tr["l1_wavefronts"] * groups + wl.K * warp_iters_per_roi
+    cost.l2_bytes = tr["l2_sectors"] * groups * 32 + out_bytes
+    cost.dram_bytes = out_bytes + touched * elem_bytes
     cost.hot_loops = [loop_summary("per sample", sample, u),
                       {"loop": "per sample row", "address": row.describe(),
                        "total": round(ov_row["total"], 1)},
                       {"loop": "per output", "address": out.describe(),
                        "total": round(ov_out["total"], 1)},
-                      {"loop": "outside the output loop, per warp and "
-                               + ("block" if per_block else "thread"),
+                      {"loop": "outside the output loop, per warp and block",
                        "total": round(outside["total"], 1)}]
-    cost.notes.append("block per (RoI, 32 channels)" if per_block else "thread per output")
+    cost.notes.append(f"block per (RoI, 32 channels); {tr['l1_wavefronts'] / tr['warp_loads']:.1f}"
+                      " L1 wavefronts (128-B lines) per warp-load of a tap")
     return cost
 
 
-OWNER_TILE = 32
+# --- the backward kernels' tile steps ---
+
+TILE = 32                  # kTile: tile edge in pixels
+WARPS = 8                  # 256 threads
+TILE_ROWS = TILE // WARPS  # rows each thread owns
+OWNER_LIST_BYTES = 8 * 256  # the owner kernel's RoI list (one int64 per thread)
+FOOTPRINT_BYTES = {4: 44, 8: 64}  # sizeof(RoiFootprint<acc_t>)
 
 
-def owner_channels(acc_bytes, ph=POOLED, pw=POOLED, threads=256):
-    """owner_channels_per_block(): channels and dynamic shared memory per block."""
-    for cpb in (8, 4, 2, 1):
-        nbytes = (acc_bytes * (cpb * OWNER_TILE ** 2 + (ph + pw) * OWNER_TILE
-                               + cpb * ph * OWNER_TILE) + 8 * threads)
-        if nbytes <= 46 * 1024:
-            return cpb, nbytes
-    return 0, 0
+def tile_smem_bytes(acc_bytes, cpb, ph=POOLED, pw=POOLED):
+    """tile_smem_bytes(): wy [ph][32], wx [pw][32], gs [cpb][ph][pw], t1 [cpb][ph][32]."""
+    return acc_bytes * ((ph + pw) * TILE + cpb * ph * pw + cpb * ph * TILE)
+
+
+def tile_channels(acc_bytes, extra=0, ph=POOLED, pw=POOLED):
+    """channels_per_block(): the widest channel group (16, 8, 1; fp64 8, 4, 1) whose dynamic
+    shared memory (extra + the tile steps') fits 46 KB, and that memory (else 1, opted in)."""
+    wide = 8 if acc_bytes > 4 else 16
+    for cpb in (wide, wide // 2, 1):
+        smem = extra + tile_smem_bytes(acc_bytes, cpb, ph, pw)
+        if smem <= 46 * 1024:
+            return cpb, smem
+    return 1, extra + tile_smem_bytes(acc_bytes, 1, ph, pw)
+
+
+def run_units(nbytes, unit, elem):
+    """Expected `unit`-byte blocks (sectors, lines) that nbytes of consecutive elem-byte values
+    touch when their start is uniform over the elem-aligned offsets of a block: row pitches of
+    the levels (W x 4 B = 1336, 668, 336, 168 B) are not multiples of 32 B."""
+    return 0.0 if nbytes <= 0 else 1 + (nbytes - elem) / unit
+
+
+def _holds(lp, *groups, lacks=()):
+    """Whether loop lp holds an op of every group (an opcode or a tuple of them), none of lacks."""
+    return (all(marker_count(lp.counts, [g] if isinstance(g, str) else list(g)) for g in groups)
+            and not marker_count(lp.counts, list(lacks)))
+
+
+def guarded_blocks(loop, ops):
+    """Blocks of loop's own straight-line code that a predicated forward branch skips, each
+    ending in one of `ops` (an atomic behind its `if`): (their instructions summed, how many)."""
+    own = [i for i in loop.instrs if not any(ch.start <= i[0] <= ch.end for ch in loop.children)]
+    total, n = Counter(), 0
+    for j, (addr, _, op, _) in enumerate(own):
+        if op.split(".")[0] not in ops:
+            continue
+        for b in range(j - 1, -1, -1):
+            _, pred, op_b, args_b = own[b]
+            if op_b.split(".")[0] in ops:
+                break
+            target = re.search(r"0x([0-9a-f]+)", args_b)
+            if op_b.split(".")[0] == "BRA" and pred and target and int(target.group(1), 16) > addr:
+                total.update(counts_of(own[b + 1:j + 1]))
+                n += 1
+                break
+    return total, n
+
+
+def _ancestors(lp):
+    out = []
+    while lp.parent is not None:
+        lp = lp.parent
+        out.append(lp)
+    return out
+
+
+class TileSteps:
+    """Loops of the tile steps both backward kernels share (tile_weights, stage_upstream,
+    reaching_bins, column_sums, add_rows in multilevel_roi_align_kernel.cu), found by content:
+    - step: the loop that runs them once per RoI and tile, the lowest loop holding every
+      innermost FMA + LDS loop (the owner's per-RoI loop, the atomic kernel's per-tile loop);
+    - rows: its innermost FMA + LDS children, add_rows' loop over the bins reaching an owned row,
+      CPB FMA (+ CPB LDS of t1) per bin; the compiler also emits copies for ph <= 0 that never
+      run, so only the unit is taken from them;
+    - column: its child holding an FMA + LDS loop (q: 1 FMA per bin), column_sums' loop over the
+      group's nc x ph rows of t1, one warp per row;
+    - reaching: its innermost children with LDS and no FMA, STS, MUFU or LDG: reaching_bins (1 LDS
+      per bin), 1 + 4 per RoI and tile (the column's, one per owned row) over 7 bins each, as
+      loops unrolled x16 and/or x4 (each runs whole bodies) and straight-line remainders; the
+      remainder blocks that 7 bins skip (the x8 block after an x16 loop) are taken out of the
+      step's straight-line code, found by the unit's SEL (2 per bin);
+    - weights: its child whose children are per-sample loops with MUFU (sample_coord's IEEE
+      division, 1 per sample) that also zero-fills a row of wy or wx (STS): one thread per bin and
+      axis, so warp 0 alone runs gh samples (y) and then gw samples (x); of the compiler's copies
+      (one for grid_w <= 0) the one with sample loops on both axes;
+    - upstream: the kernel's innermost loop with LDG and STS: stage_upstream, 1 LDG per element of
+      the group's nc x 7 x 7 gradient, 256 threads striding over them.
+    - atomics (the atomic kernel): the blocks of the step's straight-line code that a branch
+      skips, each ending in a RED (guarded_blocks), run once per tile row < th and channel; the
+      guards themselves count with the straight-line code.
+    A loop body holding u units runs n // u times for n units; the remainders, which the compiler
+    peels into straight-line code, are counted with the enclosing loop's own code, as executed."""
+
+    def __init__(self, kernel, cpb, nc, atomics=False):
+        fma = [lp for lp in kernel.innermost()
+               if _holds(lp, FMA, "LDS", lacks=("STS", "LDG", "MUFU"))]
+        chains = [_ancestors(lp) for lp in fma]
+        step = next((a for a in (chains[0] if chains else [])
+                     if all(any(a is b for b in ch) for ch in chains[1:])), None)
+        if step is None:
+            raise NoModel("no loop around column_sums' and add_rows' FMA + LDS loops")
+        rows = [lp for lp in fma if lp.parent is step]
+        q = [lp for lp in fma if lp.parent not in (None, step) and lp.parent.parent is step]
+        reach = [lp for lp in step.children if not lp.children
+                 and _holds(lp, "LDS", lacks=FMA + ("STS", "MUFU", "LDG"))]
+        weights = [lp for lp in step.children if marker_count(lp.own, ["STS"])
+                   and any(marker_count(ch.counts, ["MUFU"]) for ch in lp.children)]
+        upstream = [lp for lp in kernel.innermost() if _holds(lp, "LDG", "STS")]
+        if not (rows and q and reach and weights and upstream):
+            raise NoModel("expected add_rows (FMA), column_sums (FMA in a loop), reaching_bins "
+                          "(LDS), tile_weights (MUFU) and stage_upstream (LDG + STS) loops")
+        self.step, self.nc = step, nc
+        self.instances = 1 + TILE_ROWS  # reaching_bins calls: column_sums' and add_rows' rows
+        self.rows = hottest(rows, FMA)
+        self.q = hottest(q, FMA)
+        self.column = self.q.parent
+        self.weights = max(weights, key=lambda lp: len(lp.children))
+        self.samples = sorted((ch for ch in self.weights.children
+                               if marker_count(ch.counts, ["MUFU"])), key=lambda lp: lp.start)
+        self.upstream = hottest(upstream, ["LDG"])
+        self.reach = reach
+        self.upstream_in_step = step.start <= self.upstream.start <= step.end
+        self.row_units = marker_count(self.rows.counts, FMA) / cpb
+        self.q_units = marker_count(self.q.counts, FMA)
+        self.sample_units = [marker_count(lp.counts, ["MUFU"]) for lp in self.samples]
+        # per RoI and tile, independent of the RoI: every warp's reaching_bins over 7 bins
+        self.reach_cost = Counter()
+        left, by_units = POOLED, {}
+        for lp in reach:
+            by_units.setdefault(marker_count(lp.counts, ["LDS"]), []).append(lp)
+        for units in sorted(by_units, reverse=True):
+            trips = left // units
+            left -= trips * units
+            for lp in by_units[units]:
+                self.reach_cost.update(scaled(lp.counts, trips * WARPS))
+        unit = unit_cost(by_units[max(by_units)][0], ["LDS"], 1)
+        in_code = marker_count(step.own, ["SEL"]) / max(unit.get("op:SEL", 0), 1e-9)
+        skipped = max(0.0, in_code - self.instances * left) if unit.get("op:SEL") else 0.0
+        self.step_code = Counter({op: max(0.0, v - skipped * unit.get(op, 0))
+                                  for op, v in step.own.items()})
+        red, self.reds = guarded_blocks(step, ATOMICS) if atomics else (Counter(), 0)
+        if atomics and not self.reds:
+            raise NoModel("expected guarded atomics in the per-tile code")
+        self.step_code.subtract(red)
+        # stage_upstream: each warp runs its busiest lane's whole bodies
+        n = nc * BINS
+        per_body = marker_count(self.upstream.counts, ["LDG"])
+        self.upstream_trips = sum(
+            max(len(range(t, n, 256)) for t in range(32 * w, 32 * w + 32)) // per_body
+            for w in range(WARPS))
+        self.units = {
+            "RoI-and-tile code": scaled(self.step_code, WARPS),
+            "reaching_bins": self.reach_cost,
+            "column_sums": scaled(self.column.own, nc * POOLED),
+            "column_sums bins": self.q.counts,
+            "add_rows": self.rows.counts,
+            "tile_weights": self.weights.own,
+            "tile_weights y": self.samples[0].counts,
+            "tile_weights x": self.samples[-1].counts,
+            "stage_upstream": scaled(self.upstream.counts, self.upstream_trips),
+            "atomics": scaled(red, 1 / max(self.reds, 1)),
+        }
+
+    def trips(self, gh, gw, q_max, row_spans, th=0):
+        """Multipliers of self.units for one RoI on one tile: gh, gw samples per bin, q_max the
+        most bins reaching one of the tile's columns (the trips of the warps' q loop), row_spans
+        the bins reaching each of the tile's 32 rows, th its rows (the atomics' guard)."""
+        uy, ux = self.sample_units[0], self.sample_units[-1]
+        return {"RoI-and-tile code": 1, "reaching_bins": 1, "column_sums": 1, "tile_weights": 1,
+                "stage_upstream": int(self.upstream_in_step),
+                "column_sums bins": self.nc * POOLED * (q_max // self.q_units),
+                "add_rows": float(np.sum(row_spans // self.row_units)),
+                "atomics": th * self.nc if self.reds else 0,
+                "tile_weights y": gh // uy, "tile_weights x": gw // ux}
+
+    def hot_loops(self, cpb):
+        return [loop_summary(f"add_rows: per bin reaching a row ({cpb} channels)", self.rows,
+                             unit_cost(self.rows, FMA, cpb)),
+                loop_summary("column_sums: per bin reaching a column", self.q,
+                             unit_cost(self.q, FMA, 1)),
+                loop_summary("reaching_bins: per bin", self.reach[0],
+                             unit_cost(self.reach[0], ["LDS"], 1)),
+                loop_summary("tile_weights: per grid sample", self.samples[0],
+                             unit_cost(self.samples[0], ["MUFU"], 1)),
+                loop_summary("stage_upstream: per element", self.upstream,
+                             unit_cost(self.upstream, ["LDG"], 1)),
+                {"loop": "column_sums: per (c, p) row, besides its bins",
+                 "address": self.column.describe(), "total": round(self.column.own["total"], 1)},
+                {"loop": "per RoI and tile, straight-line, per warp", "address":
+                 self.step.describe(), "total": round(self.step_code["total"], 1)}]
+
+
+class StepTally:
+    """Sums of TileSteps multipliers (the whole grid, and per block for the longest one)."""
+
+    def __init__(self, steps):
+        self.steps, self.total, self.block = steps, Counter(), Counter()
+        self.unit_total = {k: v["total"] for k, v in steps.units.items()}
+
+    def add_pair(self, gh, gw, q_max, row_spans, groups, th=0):
+        for k, v in self.steps.trips(gh, gw, q_max, row_spans, th).items():
+            self.total[k] += v * groups
+            self.block[k] += v
+
+    def end_block(self):
+        t = sum(v * self.unit_total[k] for k, v in self.block.items())
+        self.block = Counter()
+        return t
+
+    def instr(self):
+        return add(*(scaled(self.steps.units[k], v) for k, v in self.total.items()))
+
+    def shares(self):
+        out = Counter()
+        for k, v in self.total.items():
+            out[k.split(" ")[0] if k != "RoI-and-tile code" else k] += v * self.unit_total[k]
+        return out
+
+
+def _spans(span, first, lo, n):
+    """Spans of pixels [lo, lo + n) of an axis whose footprint starts at `first` (0 outside)."""
+    out = np.zeros(n, int)
+    a, b = max(lo, first), min(lo + n, first + len(span))
+    if a < b:
+        out[a - lo:b - lo] = span[a - first:b - first]
+    return out
+
+
+def _shares_note(shares, total):
+    return "warp-instructions: " + ", ".join(
+        f"{k} {v / total:.0%}" for k, v in sorted(shares.items(), key=lambda kv: -kv[1]) if v)
 
 
 def owner_backward(kernel, wl, elem_bytes):
-    """Deterministic owner-computes backward: one block per (32x32 tile of a level of an image,
-    8 channels), 256 threads. Loops, found by their content:
-    - weight loops (wy, wx): parents of the innermost loops with MUFU (one IEEE division, one
-      MUFU.RCP, per grid sample of axis_pixel_weight); 7 x hh (7 x ww) entries, gh (gw) samples;
-    - t1 loop: parent of the innermost loop with LDG (one grad load per bin column q, 7 trips),
-      8 x 7 x ww entries; acc loop: parent of the innermost loop with LDS + FFMA and no LDG
-      (one FFMA per bin row p, 7 trips), 8 x hh x ww entries; their parent is the per-RoI loop
-      (8 warps each run its own code), whose parent walks the bucket in chunks of 256 RoIs;
-    - zero-fill (STS) and write-out (STG) loops over the tile, once per block;
-    - each tile sees exactly the RoIs of the workload whose tap extents overlap it (hh x ww the
-      overlap); global loads of grad: 2 L1 wavefronts each (lanes along x share (c, p));
-    - DRAM: the pyramid gradient written once in the features' dtype, grad read once."""
-    inner = kernel.innermost()
-    w_inner = [lp for lp in inner if marker_count(lp.counts, ["MUFU"])
-               and marker_count(lp.counts, ["FFMA"]) and lp.parent
-               and not marker_count(lp.counts, ["LDG", "LDS", "STS"])]
-    q_inner = [lp for lp in inner if marker_count(lp.counts, ["LDG"])
-               and marker_count(lp.counts, ["FFMA"]) and lp.parent]
-    p_inner = [lp for lp in inner if marker_count(lp.counts, ["LDS"])
-               and marker_count(lp.counts, ["FFMA"]) and not marker_count(lp.counts, ["LDG"])
-               and not marker_count(lp.counts, ["MUFU"]) and lp.parent]
-    if not (w_inner and q_inner and p_inner):
-        raise NoModel("expected weight (MUFU), t1 (LDG+FFMA) and acc (LDS+FFMA) loops")
-    weights = sorted({id(lp.parent): lp.parent for lp in w_inner}.values(), key=lambda lp: lp.start)
-    t1 = hottest(q_inner, ["LDG"]).parent
-    acc = hottest(p_inner, ["FFMA"]).parent
-    per_roi = t1.parent
-    if len(weights) != 2 or per_roi is None or acc.parent is not per_roi or any(
-            w.parent is not per_roi for w in weights) or per_roi.parent is None:
-        raise NoModel("weight, t1 and acc loops are not siblings inside a per-RoI loop")
-    chunk = per_roi.parent
-    u_s = unit_cost(hottest(w_inner, ["MUFU"]), ["MUFU"], 1)
-    u_q = unit_cost(hottest(q_inner, ["LDG"]), ["LDG"], 1)
-    u_p = unit_cost(hottest(p_inner, ["FFMA"]), ["FFMA"], 1)
-    ov_wy, ov_wx = (overhead(w, u_s, ["MUFU"], 1) for w in weights)
-    ov_t1, ov_acc = overhead(t1, u_q, ["LDG"], 1), overhead(acc, u_p, ["FFMA"], 1)
-    ov_roi, ov_chunk = per_roi.own, chunk.own
-    outer = [lp for lp in kernel.loops if not (chunk.start <= lp.start <= chunk.end)]
-    zero = [lp for lp in outer if not lp.children and marker_count(lp.counts, ["STS"])
-            and not marker_count(lp.counts, ["LDS", "LDG"])]
-    write = [lp for lp in outer if not lp.children and marker_count(lp.counts, ["STG"])]
-    if not zero or not write:
-        raise NoModel("expected a zero-fill (STS) and a write-out (STG) loop")
-    u_zero = unit_cost(hottest(zero, ["STS"]), ["STS"], 1)
-    u_write = unit_cost(hottest(write, ["STG"]), ["STG"], 1)
+    """Deterministic backward: one block per (32x32 tile of a level of an image, CPB channels),
+    256 threads; thread (lane, warp) owns column x = lane and rows warp + 8 r (r < 4) of the
+    tile for CPB channels in registers over all RoIs, and writes them once.
+    - CPB: the instantiation the launcher picks for 7x7 (tile_channels with the 2 KB RoI list):
+      16, fp64 8; 256 / CPB channel groups;
+    - per block: the code outside the chunk loop (tile lookup, write-out: 4 x CPB STG per thread)
+      once per warp; the chunk loop's own code (compaction of the bucket's RoIs that touch the
+      tile: ballot, prefix sum) once per warp per 256 RoIs of the bucket (image, level);
+    - per RoI whose tap extent overlaps the tile (the Monte Carlo's RoIs, exactly): TileSteps
+      with stage_upstream inside the per-RoI loop; trips from the RoI's samples per bin and, on
+      the tile, the bins reaching each row (add_rows) and the most reaching a column (the warps'
+      q loop of column_sums), 7 x 7 bins per reaching_bins;
+    - barriers: 3 per RoI and tile and 3 per chunk, no cost of their own (the model has no
+      latency term: tile_weights runs in warp 0 alone while 7 warps wait);
+    - memory: per RoI and tile, the grad slice of the group (nc x 49 elements, lines of 32
+      consecutive per warp-load) and every warp's uniform loads of the RoI's geometry (1
+      wavefront each); per chunk each warp reads 32 order entries (8 B) and the footprints'
+      extents (the 4 int loads of 44-B records: 1 sector per RoI in L2); the tile written once
+      (a warp-store per owned row and channel); DRAM: the pyramid written, grad read once."""
+    acc_bytes = 8 if elem_bytes > 4 else 4
+    cpb, smem = tile_channels(acc_bytes, OWNER_LIST_BYTES)
+    if kernel.cpb not in (None, cpb):
+        raise NoModel(f"instantiation for {kernel.cpb} channels, the launcher picks {cpb}")
+    nc = min(cpb, CHANNELS)
+    steps = TileSteps(kernel, cpb, nc)
+    chunk = steps.step.parent
+    if chunk is None or chunk.parent is not None:
+        raise NoModel("expected the per-RoI loop inside the chunk loop (top level)")
     outside = function_outside(kernel, chunk)
-    for lp in outer:
-        if lp.parent is None:
-            outside.subtract(lp.counts)
-    cpb, smem = owner_channels(4 if elem_bytes <= 4 else 8)
-    cost = Cost(kernel.name, kernel, kernel_occupancy(kernel, 256, smem))
     groups = math.ceil(CHANNELS / cpb)
-    E = OWNER_TILE
-    block_costs, shares = [], Counter()
+    cost = Cost(kernel.name, kernel, kernel_occupancy(kernel, 256, smem))
+    tally, blocks, pairs = StepTally(steps), [], 0
+    per_level = [[0, 0, 0] for _ in LEVEL_HW]  # tiles, RoI-tile pairs, most RoIs on a tile
+    tile_code, chunk_code, loads_l1, loads_l2, l1_store = 0, 0, 0.0, 0.0, 0.0
+    rec = FOOTPRINT_BYTES[acc_bytes]
     for image in range(wl.batch):
         for level, (H, W) in enumerate(LEVEL_HW):
             bucket = [r for r in wl.rois if r.image == image and r.level == level
                       and r.extent is not None]
             ext = np.array([r.extent for r in bucket]).reshape(-1, 4)
-            for y0 in range(0, H, E):
-                for x0 in range(0, W, E):
-                    th, tw = min(E, H - y0), min(E, W - x0)
-                    c = add(scaled(outside, 8), scaled(u_zero, math.ceil(cpb * E * E / 32)),
-                            scaled(u_write, math.ceil(cpb * th * tw / 32)),
-                            scaled(ov_chunk, 8 * math.ceil(len(bucket) / 256)))
-                    if len(bucket):
-                        hh = np.minimum(ext[:, 1], y0 + th - 1) - np.maximum(ext[:, 0], y0) + 1
-                        ww = np.minimum(ext[:, 3], x0 + tw - 1) - np.maximum(ext[:, 2], x0) + 1
-                        for i in np.nonzero((hh > 0) & (ww > 0))[0]:
-                            r, h, w = bucket[i], int(hh[i]), int(ww[i])
-                            split = {
-                                "per-RoI code": scaled(ov_roi, 8),
-                                "weights": add(
-                                    scaled(add(ov_wy, scaled(u_s, r.gh)),
-                                           warp_iters(POOLED * h, 256)),
-                                    scaled(add(ov_wx, scaled(u_s, r.gw)),
-                                           warp_iters(POOLED * w, 256))),
-                                "t1": scaled(add(ov_t1, scaled(u_q, POOLED)),
-                                             warp_iters(cpb * POOLED * w, 256)),
-                                "acc": scaled(add(ov_acc, scaled(u_p, POOLED)),
-                                              warp_iters(cpb * h * w, 256))}
-                            for part, cc in split.items():
-                                c.update(cc)
-                                shares[part] += cc["total"] * groups
-                    block_costs.append(c)
-    for c in block_costs:
-        cost.instr.update(scaled(c, groups))
-    cost.critical_warp_instr = max(c["total"] for c in block_costs)
-    cost.blocks = len(block_costs) * groups
-    total = cost.instr["total"]
-    shares["tile (zero, write, chunks)"] = total - sum(
-        v for k, v in shares.items() if k != "tile (zero, write, chunks)")
-    cost.notes.append("warp-instructions: " + ", ".join(
-        f"{k} {v / total:.0%}" for k, v in shares.items()))
+            chunks = math.ceil(len(bucket) / 256)
+            full, part = divmod(len(bucket), 32)
+            lanes = [32] * full + ([part] if part else [])
+            chunk_l1 = sum(run_units(8 * a, 128, 8)
+                           + (marker_count(chunk.own, LOADS) - 1) * (1 + rec * (a - 1) / 128)
+                           for a in lanes)
+            for y0 in range(0, H, TILE):
+                for x0 in range(0, W, TILE):
+                    th, tw = min(TILE, H - y0), min(TILE, W - x0)
+                    tile_code += 1
+                    chunk_code += chunks
+                    loads_l1 += chunk_l1
+                    loads_l2 += 40 * len(bucket)
+                    l1_store += th * nc * run_units(tw * elem_bytes, 128, elem_bytes)
+                    hit = ((ext[:, 0] < y0 + th) & (ext[:, 1] >= y0) & (ext[:, 2] < x0 + tw)
+                           & (ext[:, 3] >= x0))
+                    per_level[level][0] += 1
+                    per_level[level][1] += int(hit.sum())
+                    per_level[level][2] = max(per_level[level][2], int(hit.sum()))
+                    for i in np.nonzero(hit)[0]:
+                        r = bucket[i]
+                        q_max = int(_spans(r.x_span, r.extent[2], x0, tw).max())
+                        tally.add_pair(r.gh, r.gw, q_max, _spans(r.y_span, r.extent[0], y0, th),
+                                       groups)
+                        pairs += 1
+                    blocks.append(tally.end_block() + WARPS * (
+                        outside["total"] + chunks * chunk.own["total"]))
+    cost.instr = add(tally.instr(), scaled(outside, WARPS * tile_code * groups),
+                     scaled(chunk.own, WARPS * chunk_code * groups))
+    cost.blocks = len(blocks) * groups
+    cost.critical_warp_instr = max(blocks)
+    grad_elems = nc * BINS
+    warp_loads = warp_iters(grad_elems, 256)
+    per_pair_l1 = (warp_loads * run_units(32 * elem_bytes, 128, elem_bytes)
+                   + WARPS * marker_count(steps.step.own, LOADS))
+    cost.l1_wavefronts = (pairs * per_pair_l1 + loads_l1 + l1_store) * groups
     grad_bytes = wl.K * CHANNELS * BINS * elem_bytes
     pyramid_bytes = wl.batch * roofline.pyramid_elements() * elem_bytes
-    cost.l1_wavefronts = 2 * cost.instr.get("op:LDG", 0) + cost.instr.get("op:STG", 0)
-    cost.l2_bytes = 32 * cost.instr.get("op:LDG", 0) + pyramid_bytes
+    cost.l2_bytes = pairs * groups * grad_elems * elem_bytes + loads_l2 * groups + pyramid_bytes
     cost.dram_bytes = pyramid_bytes + grad_bytes
-    cost.hot_loops = [loop_summary("acc: per bin row p", acc.children[0] if acc.children else acc,
-                                   u_p),
-                      loop_summary("t1: per bin column q", t1.children[0] if t1.children else t1,
-                                   u_q),
-                      loop_summary("weights: per grid sample", hottest(w_inner, ["MUFU"]), u_s),
-                      {"loop": "per RoI and tile", "address": per_roi.describe(),
-                       "total": round(ov_roi["total"], 1)}]
-    cost.notes.append(f"{cpb} channels/block, {smem} B dynamic shared memory, "
-                      f"{len(block_costs) * groups} blocks")
+    cost.hot_loops = steps.hot_loops(cpb) + [
+        {"loop": "per chunk of 256 RoIs (compaction), per warp", "address": chunk.describe(),
+         "total": round(chunk.own["total"], 1)},
+        {"loop": "per block outside the chunk loop (tile lookup, write-out), per warp",
+         "total": round(outside["total"], 1)}]
+    shares = tally.shares()
+    shares["tile and chunk code"] = (cost.instr["total"] - sum(shares.values()))
+    cost.notes.append(_shares_note(shares, cost.instr["total"]))
+    cost.notes.append("RoIs per tile on P2-P5, mean (most): " + ", ".join(
+        f"{n / max(t, 1):.2f} ({most})" for t, n, most in per_level))
+    cost.notes.append(f"{cpb} channels/block, {smem} B dynamic shared memory, {cost.blocks} "
+                      f"blocks, {pairs / wl.K:.2f} tiles per RoI, barriers not modelled "
+                      f"({3 * pairs * groups} per-RoI barriers in all)")
+    return cost
+
+
+def atomic_backward(kernel, wl, elem_bytes):
+    """Atomic backward: one block per (RoI, CPB channels), 256 threads, grid-stride over RoIs;
+    the RoI's footprint gradient is formed 32x32 pixels at a time (thread (lane, warp): column x
+    = lane, rows warp + 8 r, CPB channels in fresh registers) and each footprint pixel and
+    channel is added to the fp32 (fp64) buffer with one atomic.
+    - CPB: the instantiation the launcher picks for 7x7 (tile_channels): 16, fp64 8;
+    - per RoI (one block each here: K < the grid cap): the code outside the RoI loop and the RoI
+      loop's own code once per warp; axis_extent: thread 0 (warp 0) runs 7 x gh samples along
+      y, thread 32 (warp 1) 7 x gw along x (per-bin loops around sample loops with MUFU and no
+      loads: the extent is kept in shared memory); stage_upstream (TileSteps) once;
+    - per tile of the footprint (tiles start at its first row and column, th x tw clipped to
+      it): TileSteps, the per-tile loop's own code once per warp; the 4 x CPB guarded RED blocks
+      it holds per thread (~11 instructions each: 64-bit address, RED) once per row < th and
+      channel (a warp runs one if any lane's sum is non-zero: every row of the extent);
+    - barriers: 2 per RoI and 3 per tile, no cost of their own (no latency term);
+    - atomics: one per footprint pixel and channel (every pixel of the extent has a non-zero sum:
+      samples are at most 1 px apart); a warp-RED covers tw consecutive floats of one row: the
+      L2 sector operations and L1 wavefronts are the 32-B sectors and 128-B lines they span;
+    - memory: grad read once per block (nc x 49, 32 consecutive per warp-load) and the RoI's
+      fields as uniform loads (1 wavefront each); DRAM: grad, and the touched fp32 buffer read
+      and written once (the RoIs' footprints, capped at the pyramid); the zero-fill before and
+      the cast after (16-bit dtypes) are torch passes of the op."""
+    acc_bytes = 8 if elem_bytes > 4 else 4
+    cpb, smem = tile_channels(acc_bytes)
+    if kernel.cpb not in (None, cpb):
+        raise NoModel(f"instantiation for {kernel.cpb} channels, the launcher picks {cpb}")
+    nc = min(cpb, CHANNELS)
+    steps = TileSteps(kernel, cpb, nc, atomics=True)
+    y_loop = steps.step.parent
+    per_roi = y_loop.parent if y_loop is not None else None
+    if per_roi is None or per_roi.parent is not None:
+        raise NoModel("expected the tile loop in a row-of-tiles loop in the RoI loop (top level)")
+    extent = sorted((lp for lp in per_roi.children if lp.children
+                     and not marker_count(lp.counts, ["LDS", "LDG"])
+                     and any(marker_count(ch.counts, ["MUFU"]) for ch in lp.children)),
+                    key=lambda lp: lp.start)
+    if not extent:
+        raise NoModel("expected axis_extent's per-bin loops (samples with MUFU)")
+    ext_samples = [hottest(lp.children, ["MUFU"]) for lp in extent]
+    per_block = add(scaled(function_outside(kernel, per_roi), WARPS),
+                    scaled(per_roi.own, WARPS), steps.units["stage_upstream"])
+    groups = math.ceil(CHANNELS / cpb)
+    cost = Cost(kernel.name, kernel, kernel_occupancy(kernel, 256, smem))
+    tally, blocks, extent_code = StepTally(steps), [], Counter()
+    y_rows = tiles = reds = sectors = lines = 0
+    for roi in wl.rois:
+        e = Counter()
+        for lp, sample, g in zip(extent, ext_samples, (roi.gh, roi.gw)):
+            e.update(scaled(add(lp.own, scaled(sample.counts,
+                                               g // marker_count(sample.counts, ["MUFU"]))),
+                            POOLED))
+        extent_code.update(e)
+        block = e["total"] + per_block["total"]
+        if roi.extent is not None:
+            y_first, y_last, x_first, x_last = roi.extent
+            for y0 in range(y_first, y_last + 1, TILE):
+                y_rows += 1
+                block += WARPS * y_loop.own["total"]
+                th = min(TILE, y_last - y0 + 1)
+                rows = _spans(roi.y_span, y_first, y0, TILE)
+                for x0 in range(x_first, x_last + 1, TILE):
+                    tw = min(TILE, x_last - x0 + 1)
+                    tally.add_pair(roi.gh, roi.gw, int(_spans(roi.x_span, x_first, x0, tw).max()),
+                                   rows, groups, th)
+                    tiles += 1
+                    reds += th * tw * CHANNELS
+                    sectors += th * CHANNELS * run_units(tw * acc_bytes, 32, acc_bytes)
+                    lines += th * CHANNELS * run_units(tw * acc_bytes, 128, acc_bytes)
+        blocks.append(block + tally.end_block())
+    cost.instr = add(tally.instr(), scaled(per_block, wl.K * groups),
+                     scaled(extent_code, groups), scaled(y_loop.own, WARPS * y_rows * groups))
+    cost.blocks = min(wl.K, 1 << 20) * groups
+    cost.critical_warp_instr = max(blocks)
+    cost.atomic_sector_ops = sectors
+    grad_bytes = wl.K * CHANNELS * BINS * elem_bytes
+    cost.l1_wavefronts = lines + wl.K * groups * (
+        warp_iters(nc * BINS, 256) * run_units(32 * elem_bytes, 128, elem_bytes)
+        + WARPS * marker_count(per_roi.own, LOADS))
+    cost.l2_bytes = grad_bytes
+    touched = min(wl.footprint_px * CHANNELS, wl.batch * roofline.pyramid_elements())
+    cost.dram_bytes = grad_bytes + 2 * touched * acc_bytes
+    cost.hot_loops = steps.hot_loops(cpb) + [
+        loop_summary("axis_extent: per sample", ext_samples[0],
+                     unit_cost(ext_samples[0], ["MUFU"], 1)),
+        {"loop": "per RoI, straight-line, per warp", "address": per_roi.describe(),
+         "total": round(per_roi.own["total"], 1)}]
+    shares = tally.shares()
+    shares["axis_extent"] = extent_code["total"] * groups
+    shares["stage_upstream"] = steps.units["stage_upstream"]["total"] * wl.K * groups
+    shares["RoI and row-of-tiles code"] = cost.instr["total"] - sum(shares.values())
+    cost.notes.append(_shares_note(shares, cost.instr["total"]))
+    cost.notes.append(f"{cpb} channels/block, {smem} B dynamic shared memory, {cost.blocks} "
+                      f"blocks, {tiles / wl.K:.2f} tiles per RoI, {reds / 1e6:.0f} M atomics in "
+                      f"{sectors / 1e6:.0f} M sector operations, barriers not modelled")
     return cost
 
 
@@ -982,8 +1298,8 @@ def _blocks_bytes(per_entry):
 
 FAMILIES = [
     # (name pattern, formula, dtype the instantiation is picked by: 'T' features, 'acc' float)
-    (r"^forward_kernel$", lambda k, w, b: per_output_gather(k, w, b), "T"),
-    (r"^backward_atomic_kernel$", lambda k, w, b: per_output_gather(k, w, b, scatter=True), "T"),
+    (r"^forward_kernel$", forward_gather, "T"),
+    (r"^backward_atomic_kernel$", atomic_backward, "T"),
     (r"^backward_owner_kernel$", owner_backward, "T"),
     (r"^footprint_kernel$", elementwise(lambda wl: wl.K * 64, "one thread per RoI (64 B)"), "acc"),
     (r"^block_gram_kernel$", block_gram, "T"),
@@ -1016,9 +1332,11 @@ class Kernels:
     def __init__(self, kernels):
         self.all = kernels
 
-    def find(self, pattern, dtype):
+    def find(self, pattern, dtype, cpb=None):
+        """The instantiation for dtype (and, for the backward kernels, channel group cpb)."""
         for k in self.all:
-            if re.match(pattern, k.name) and (dtype is None or k.dtype == dtype):
+            if (re.match(pattern, k.name) and (dtype is None or k.dtype == dtype)
+                    and (cpb is None or k.cpb == cpb)):
                 return k
         return None
 
@@ -1029,10 +1347,11 @@ def torch_pass(name, nbytes, launches=1):
     return c
 
 
-def _model_part(kernels, pattern, dtype, wl, elem_bytes, parts, missing):
-    k = kernels.find(pattern, dtype)
+def _model_part(kernels, pattern, dtype, wl, elem_bytes, parts, missing, cpb=None):
+    k = kernels.find(pattern, dtype, cpb)
     if k is None:
-        missing.append(f"no kernel matches {pattern} ({dtype})")
+        missing.append(f"no kernel matches {pattern} ({dtype}"
+                       + (f", {cpb} channels)" if cpb else ")"))
         return
     fn, _ = family_of(k)
     try:
@@ -1055,7 +1374,8 @@ def op_roi_backward_atomic(kernels, wl, dtype, eb):
     if dtype != "float32":
         parts.append(torch_pass("rois to float32", wl.K * 5 * 6))
     parts.append(torch_pass("zero-fill of the fp32 level buffers", pyr * 4, launches=4))
-    _model_part(kernels, r"^backward_atomic_kernel$", dtype, wl, eb, parts, missing)
+    _model_part(kernels, r"^backward_atomic_kernel$", dtype, wl, eb, parts, missing,
+                cpb=tile_channels(8 if eb > 4 else 4)[0])
     if eb != 4:
         parts.append(torch_pass("cast of the level buffers", pyr * (4 + eb), launches=4))
     return parts, missing
@@ -1068,7 +1388,8 @@ def op_roi_backward_owner(kernels, wl, dtype, eb):
     _model_part(kernels, r"^footprint_kernel$", "float32", wl, eb, parts, missing)
     parts.append(torch_pass("stable argsort of the bucket keys", wl.K * 8 * 8, launches=4))
     parts.append(torch_pass("index_select, arange, searchsorted", wl.K * 8 * 4, launches=3))
-    _model_part(kernels, r"^backward_owner_kernel$", dtype, wl, eb, parts, missing)
+    _model_part(kernels, r"^backward_owner_kernel$", dtype, wl, eb, parts, missing,
+                cpb=tile_channels(8 if eb > 4 else 4, OWNER_LIST_BYTES)[0])
     return parts, missing
 
 
@@ -1165,10 +1486,18 @@ def kernel_rows(kernels):
                     "spill_loads": k.ptxas.get("spill_loads"),
                     "static_smem": k.ptxas.get("smem"), "barriers": k.ptxas.get("barriers"),
                     "instructions": k.counts["total"], "loops": len(k.loops),
-                    "family": None if fn is None else (
-                        "per_output_gather" if fn.__name__ == "<lambda>" else fn.__name__),
-                    "mangled": k.mangled})
+                    "family": None if fn is None else fn.__name__,
+                    "picked": picked_by_launcher(k), "mangled": k.mangled})
     return out
+
+
+def picked_by_launcher(k):
+    """For a backward instantiation, whether the launcher picks its channel group for 7x7
+    (only that one is modelled); None for kernels without one."""
+    if k.cpb is None or k.name not in ("backward_owner_kernel", "backward_atomic_kernel"):
+        return None
+    extra = OWNER_LIST_BYTES if k.name == "backward_owner_kernel" else 0
+    return tile_channels(8 if k.dtype == "float64" else 4, extra)[0] == k.cpb
 
 
 def kernel_threads(k):
@@ -1178,8 +1507,12 @@ def kernel_threads(k):
 
 
 def dynamic_smem(k):
-    if k.name == "backward_owner_kernel":
-        return owner_channels(8 if k.dtype == "float64" else 4)[1]
+    """Dynamic shared memory of a backward instantiation (its channel group's tile steps)."""
+    acc = 8 if k.dtype == "float64" else 4
+    if k.name == "backward_owner_kernel" and k.cpb:
+        return OWNER_LIST_BYTES + tile_smem_bytes(acc, k.cpb)
+    if k.name == "backward_atomic_kernel" and k.cpb:
+        return tile_smem_bytes(acc, k.cpb)
     return 0
 
 
@@ -1263,7 +1596,9 @@ def markdown(result):
                      f"{k['spill_stores']}/{k['spill_loads']} | {k['static_smem']} | "
                      f"{occ['threads']} | {occ['warps_per_sm']} warps ({occ['occupancy']:.0%}, "
                      f"{occ['limiter']}) | {k['instructions']} | {k['loops']} | "
-                     f"{k['family'] or 'no model'} |")
+                     f"{k['family'] or 'no model'}"
+                     + (" (group not picked for 7x7)" if k.get("picked") is False else "")
+                     + " |")
     lines += ["", "Workload geometry (Monte Carlo of bench_ops' boxes, seed 0):", ""]
     seen = set()
     for r in result["ops"]:
@@ -1295,7 +1630,7 @@ def revision_name(rev):
         return f"working tree at {head}" + (" (csrc modified)" if dirty else "")
     sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", rev], capture_output=True,
                          text=True, check=True).stdout.strip()
-    return f"{rev} ({sha})" if sha != rev else sha
+    return f"{rev} ({sha})" if sha != rev and not rev.startswith("HEAD") else sha
 
 
 def parse_args(argv=None):

@@ -1,10 +1,12 @@
 """benchmarks/kernel_model.py: ptxas and SASS parsing, loop finding, the loop arithmetic,
 occupancy and the time terms on known cases; with nvcc, a tiny kernel compiled for sm_90."""
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -138,9 +140,117 @@ def test_workload_geometry():
     assert wl.summary()["K"] == 128 and 1 <= wl.mean_samples
 
 
-def test_gram_splits_and_owner_channels():
+def test_gram_splits_and_channel_groups():
     assert km.gram_splits(2400, 12544, 8, 4) == 2
-    assert km.owner_channels(4) == (8, 43776)
+    # channels_per_block() for 7x7: 16 channels (fp64 8); the owner adds its 2 KB RoI list
+    assert km.tile_channels(4) == (16, 4 * (14 * 32 + 16 * 49 + 16 * 7 * 32))
+    assert km.tile_channels(4, km.OWNER_LIST_BYTES) == (16, 21312)
+    assert km.tile_channels(8, km.OWNER_LIST_BYTES) == (8, 23104)
+    assert km.tile_channels(4, 0, 14, 14)[0] == 16 and km.tile_channels(4, 0, 20, 20)[0] == 8
+    assert km.tile_channels(4, 0, 28, 28)[0] == 1
+
+
+def test_run_units_and_reaching_bins():
+    # 32 floats from a uniform 4-B offset: 4 sectors at offset 0, 5 at the 7 others
+    assert km.run_units(128, 32, 4) == pytest.approx((4 + 7 * 5) / 8)
+    assert km.run_units(4, 128, 4) == 1 and km.run_units(0, 32, 4) == 0
+    import numpy as np
+    # 14 px along an axis, 2 samples per bin: every pixel reached by 1 or 2 consecutive bins
+    lo, hi, valid = km.axis_taps(-0.5, 14.0, 50)
+    first, last = int(lo[valid].min()), int(hi[valid].max())
+    span = km.axis_reach(lo, hi, valid, first, last)
+    assert len(span) == last - first + 1 and set(np.unique(span)) <= {1, 2} and span.min() >= 1
+    assert list(km._spans(np.array([1, 2, 3]), 10, 8, 4)) == [0, 0, 1, 2]
+
+
+def _assemble(rows, name="_Z1kv"):
+    """SASS text from (label, opcode, operands) rows; '@NAME' in operands is a label's address."""
+    addr = {lab: 16 * i for i, (lab, _, _) in enumerate(rows) if lab}
+    out = [f"\t\tFunction : {name}"]
+    for i, (_, op, args) in enumerate(rows):
+        args = re.sub(r"@([A-Z]\w*)", lambda m: hex(addr[m.group(1)]), args)
+        out.append(f"        /*{16 * i:04x}*/                   {op} {args} ;")
+    return "\n".join(out) + "\n"
+
+
+def _ops(*names):
+    return [(None, n, "R0, R1") for n in names]
+
+
+def _loop(label, body):
+    """A loop: its counter, the body, a predicated branch back."""
+    return [(label, "IADD3", "R9, R9, 0x1, RZ")] + body + [(None, "@P0 BRA", "@" + label)]
+
+
+def _owner_like(with_column=True):
+    """A kernel shaped as the owner backward with CPB = 2: chunk > per-RoI > {weights (y, x
+    sample loops), upstream (x2), reaching (x4), column (q), rows}."""
+    sample = _ops("MUFU.RCP", "FFMA", "LDS", "STS")
+    weights = _loop("W", _ops("STS.128") + _loop("Y", sample) + _loop("X", sample))
+    upstream = _loop("U", _ops("LDG.E", "STS", "LDG.E", "STS"))
+    reach = _loop("R", _ops(*(["LDS", "FSETP.NEU.AND", "SEL", "SEL"] * 4)))
+    column = _loop("C", _loop("Q", _ops("LDS", "LDS", "FFMA")) + _ops("STS"))
+    rows = _loop("P", _ops("LDS", "FFMA", "LDS", "FFMA"))
+    roi = _loop("K", _ops("LDG.E.CONSTANT") + weights + upstream + _ops("BAR.SYNC") + reach
+                + (column if with_column else []) + _ops("BAR.SYNC") + rows + _ops("SEL", "SEL"))
+    return (_ops("S2R") + _loop("H", _ops("LDG.E", "VOTE.ANY", "BAR.SYNC") + roi)
+            + _ops("STG.E") + [(None, "EXIT", "")])
+
+
+def _kernel(rows, demangled):
+    (instrs,) = km.parse_sass(_assemble(rows)).values()
+    return km.Kernel("_Z1kv", demangled, "x.cu", instrs, {"registers": 64})
+
+
+def test_tile_steps_found_by_content():
+    k = _kernel(_owner_like(), "void ns::backward_owner_kernel<float, float, 2>(int)")
+    assert (k.name, k.dtype, k.cpb) == ("backward_owner_kernel", "float32", 2)
+    s = km.TileSteps(k, 2, 2)
+    by_start = {lp.start: lp for lp in k.loops}
+    assert s.step.parent is not None and s.step.parent.parent is None  # per-RoI in chunk
+    assert s.rows.counts["op:FFMA"] == 2 and s.row_units == 1
+    assert s.q.parent is s.column and s.q_units == 1 and s.column.own["op:STS"] == 1
+    assert len(s.samples) == 2 and s.sample_units == [1, 1] and s.weights in by_start.values()
+    assert s.upstream.counts["op:LDG"] == 2 and s.upstream_in_step
+    # 2 x 49 elements: lanes 0-97 load 1, the rest 0: whole x2 bodies run by no warp
+    assert s.upstream_trips == 0
+    # reaching_bins x4 over 7 bins: 1 trip per instance (one instance here), 3 bins left over
+    assert s.reach_cost["total"] == 8 * s.reach[0].counts["total"]
+    # 2 SEL in the step's own code = 1 bin of reaching_bins' remainder: 5 instances x 3 bins
+    # expected, so nothing is taken out
+    assert s.step_code["total"] == s.step.own["total"]
+    t = s.trips(3, 2, 2, np.array([0, 1, 2, 2, 1] + [0] * 27), th=5)
+    assert t["tile_weights y"] == 3 and t["tile_weights x"] == 2 and t["add_rows"] == 6
+    assert t["column_sums bins"] == 2 * 7 * 2 and t["atomics"] == 0
+
+
+def test_guarded_atomics():
+    lines = [("L", "IMAD", "R0, R1, R2, RZ"),
+             (None, "ISETP.GE.AND", "P1, PT, R0, R3, PT"),
+             (None, "@P1 BRA", "@E"),
+             (None, "IMAD.WIDE.U32", "R4, R0, 0x4, R6"),
+             (None, "REDG.E.ADD.F32.FTZ.RN.STRONG.GPU", "desc[UR4][R4.64], R8"),
+             ("E", "BSYNC", "B0"),
+             (None, "REDG.E.ADD.F32.FTZ.RN.STRONG.GPU", "desc[UR4][R4.64], R9"),  # unguarded
+             (None, "@P0 BRA", "@L"),
+             (None, "EXIT", "")]
+    (instrs,) = km.parse_sass(_assemble(lines)).values()
+    (loop,) = km.find_loops(instrs)[1]
+    total, n = km.guarded_blocks(loop, km.ATOMICS)
+    assert n == 1 and total["total"] == 2 and total["op:REDG"] == 1
+
+
+def test_no_model_when_a_step_is_missing():
+    """A kernel without column_sums' loop is reported as 'no model', not a crash."""
+    k = _kernel(_owner_like(with_column=False),
+                "void ns::backward_owner_kernel<float, float, 16>(int)")
+    with pytest.raises(km.NoModel):
+        km.TileSteps(k, 16, 16)
+    wl = km.RoiWorkload(1, 8, traffic_sample=2)
+    parts, missing = km.op_roi_backward_owner(km.Kernels([k]), wl, "float32", 4)
+    assert any("no model" in m for m in missing) and any("footprint_kernel" in m for m in missing)
+    parts, missing = km.op_roi_backward_owner(km.Kernels([k]), wl, "bfloat16", 2)
+    assert any("no kernel matches" in m and "16 channels" in m for m in missing)
 
 
 def _toolchain():
