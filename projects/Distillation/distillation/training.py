@@ -19,8 +19,8 @@ from .checkpoint import DistillationCheckpointer, TeacherWeightsError
 from .config import add_distillation_config
 from .data_checks import (USER_DATASETS, DataError, MissingDataError, check_run_datasets,
                           class_count_opts)
-from .random_init import calibrate_random_networks, frozen_bn_layers
 from .errors import ConfigError, MissingFileError
+from .random_init import calibrate_random_networks, frozen_bn_layers
 from .weights import RANDOM_INIT_OVERRIDES, resolve_weights
 from .yaml_io import read_config
 
@@ -261,6 +261,7 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def resume_or_load(self, resume=True):
+        self.calibrated = []  # random FrozenBN networks calibrated on the first batch
         resumed = resume and self.checkpointer.has_checkpoint()
         super().resume_or_load(resume=resume)
         model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
