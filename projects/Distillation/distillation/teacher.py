@@ -29,7 +29,7 @@ def resolve_teacher_config_path(cfg) -> str:
 CLASS_COUNT_KEYS = ("MODEL.ROI_HEADS.NUM_CLASSES", "MODEL.RETINANET.NUM_CLASSES")
 
 
-def _get(cfg, key: str):
+def config_value(cfg, key: str):
     for part in key.split("."):
         cfg = cfg[part]
     return cfg
@@ -53,7 +53,7 @@ def teacher_config(cfg):
     opts = list(cfg.DISTILL.TEACHER.OPTS)
     for key in CLASS_COUNT_KEYS:
         if key not in opts[::2]:
-            _set(tcfg, key, _get(cfg, key))
+            _set(tcfg, key, config_value(cfg, key))
     if opts:
         tcfg.merge_from_list(opts)
     tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE

@@ -137,9 +137,25 @@ def check_inputs(args) -> List[str]:
                              getattr(args, "allow_unsafe_yaml", False))
     if cfg.MODEL.WEIGHTS and not will_resume(cfg, args.resume):
         require_weights(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
-    if uses_teacher(cfg) and cfg.DISTILL.TEACHER.WEIGHTS:
-        require_weights(cfg.DISTILL.TEACHER.WEIGHTS, "DISTILL.TEACHER.WEIGHTS")
+    if uses_teacher(cfg):
+        check_teacher_classes(cfg, extra)
+        if cfg.DISTILL.TEACHER.WEIGHTS:
+            require_weights(cfg.DISTILL.TEACHER.WEIGHTS, "DISTILL.TEACHER.WEIGHTS")
     return extra
+
+
+def check_teacher_classes(cfg, extra=()) -> None:
+    """The teacher's config is there and its class count is the student's (with the overrides
+    `extra`), as the model's build would find; here before any process starts."""
+    from .data_checks import class_count_key
+    from .teacher import class_count_mismatch, config_value, teacher_config
+
+    cfg = cfg.clone()
+    cfg.merge_from_list(list(extra))
+    key = class_count_key(cfg)
+    student, teacher = config_value(cfg, key), config_value(teacher_config(cfg), key)
+    if student != teacher:
+        raise class_count_mismatch(key, student, teacher)
 
 
 def student_of(model):
