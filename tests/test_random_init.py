@@ -66,8 +66,11 @@ def test_calibration_brings_random_networks_to_unit_scale(dataset, tmp_path):
 
 def test_random_training_starts_with_the_usual_losses(dataset, tmp_path):
     """The trainer calibrates the networks that start from random weights: the first losses are
-    tens, not millions (the shipped R18-R50 config, random student and teacher, the config's
-    learning rate)."""
+    tens to hundreds, not millions (the shipped R18-R50 config, random student and teacher, the
+    config's learning rate). The distillation terms sum over the 256 channels of two random,
+    unnormalised FPNs, so their size varies with the draw: 70-540 over seeds 0-5, 1.4e3 once
+    unseeded in CI; hence a fixed draw and a bound far below the uncalibrated ~1e6."""
+    torch.manual_seed(0)
     cfg = _random_cfg(str(tmp_path))
     cfg.freeze()
     trainer = Trainer(cfg)
@@ -77,7 +80,7 @@ def test_random_training_starts_with_the_usual_losses(dataset, tmp_path):
     with open(tmp_path / "metrics.json") as f:
         rows = [json.loads(line) for line in f]
     losses = [r["total_loss"] for r in rows if "total_loss" in r]
-    assert losses and all(0 < x < 1e3 for x in losses), losses
+    assert losses and all(0 < x < 1e4 for x in losses), losses
 
 
 def _stack():

@@ -9,14 +9,17 @@ student non-finite a few iterations later (total_loss 1e7, then FloatingPointErr
 
 Such a network is given the statistics a trained one would have, measured on its own random
 weights and the run's data: one forward pass of the first training batch (normalised as that
-network normalises its input) sets each FrozenBatchNorm2d's running mean and variance, in forward
-order, to the per-channel mean and variance of its input. Every layer then outputs zero mean and
+network normalises its input) measures, in forward order, the per-channel mean and variance of
+each FrozenBatchNorm2d's input; the standard deviation is folded into the convolution that
+produced that input and the layer subtracts the mean. Every layer then outputs zero mean and
 unit variance on the data, as trained batch norm would, and the losses start at their usual
-values (RPN objectness ~ln 2, the classifier ~ln(K + 1), feature terms ~1). In a distributed run
-the statistics are averaged over the processes, so every replica holds the same values. Only
-FrozenBatchNorm2d layers change; the weights and every other norm stay as they are. (Statistics
-measured on a noise image instead are not enough: a real image's mean differs from the noise's,
-and that offset alone still grows to ~1e2 through a random R50.)
+values (RPN objectness ~ln 2, the classifier ~ln(K + 1); the distillation terms tens to
+hundreds: they sum over the channels of two random FPNs, which have no norm to calibrate). In a
+distributed run the moments are averaged over the processes, so every replica holds the same
+values. Only the FrozenBatchNorm2d layers and the convolutions feeding them change; every other
+weight and norm stays as it is. (Statistics measured on a noise image instead are not enough:
+a real image's mean differs from the noise's, and that offset alone still grows to ~1e2 through
+a random R50.)
 """
 import logging
 from typing import Dict, List
