@@ -15,6 +15,9 @@ files. This step:
    - ``from detectron2 import _C`` -> optional import; the features that need it stay
      unavailable (rotated boxes/NMS, RoIAlignRotated, deformable conv) and COCO evaluation uses
      the pycocotools path (``COCOeval_opt`` falls back to ``COCOeval``).
+   - ``detectron2.export`` imports its Caffe2 exporter only where ``caffe2`` exists (gone from
+     torch >= 2.0), so ``TracingAdapter``, ``scripting_with_instances`` and the TorchScript
+     patches import.
 
 With ``--wheel-dir DIR`` it installs nothing and instead writes wheels for an offline machine
 (an air-gapped cluster, a bare GPU box): the patched detectron2, its pure-Python dependencies
@@ -75,6 +78,15 @@ class pkg_resources:  # dsig patch: setuptools >= 81 no longer ships pkg_resourc
         return os.path.join(os.path.dirname(importlib.import_module(package).__file__), resource)
 '''
 
+OPTIONAL_CAFFE2_EXPORT = '''\
+try:  # dsig patch: the Caffe2 exporter needs caffe2, which torch >= 2.0 no longer ships
+    from caffe2.proto import caffe2_pb2 as _caffe2_pb2  # noqa: F401
+except ImportError:
+    pass
+else:
+    from .api import *
+'''
+
 OPTIONAL_C = '''\
 try:  # dsig patch: this build has no compiled detectron2._C
     from detectron2 import _C
@@ -85,7 +97,7 @@ except ImportError:
 
 def detectron2_works() -> bool:
     code = ("import detectron2, detectron2.modeling, detectron2.engine, detectron2.evaluation, "
-            "detectron2.model_zoo")
+            "detectron2.model_zoo, detectron2.export")
     return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
@@ -120,6 +132,8 @@ def patch_tree(root: Path) -> None:
         new = re.sub(r"^from detectron2 import _C\n", OPTIONAL_C, new, flags=re.M)
         if path.name == "model_zoo.py":
             new = new.replace("import pkg_resources\n", PKG_RESOURCES_SHIM)
+        if path.relative_to(pkg).as_posix() == "export/__init__.py":
+            new = new.replace("from .api import *\n", OPTIONAL_CAFFE2_EXPORT)
         if path.name == "fast_eval_api.py":
             new += ("\n\nif _C is None:  # dsig patch: no compiled evaluator, use pycocotools\n"
                     "    COCOeval_opt = COCOeval  # noqa: F811\n")
