@@ -20,9 +20,9 @@ class MultiLevelRoIAlign(nn.Module):
     ``ROIPooler``), ``canonical_box_size`` and ``canonical_level``. Has no parameters, so
     checkpoints stay interchangeable with detectron2's.
 
-    ``torch.jit.script`` compiles it; scripted, it takes the boxes as ``List[Tensor]`` (TorchScript
-    needs one static type and this package does not import detectron2, so pass
-    ``[b.tensor for b in boxes]``) and runs the fused ops. ``torch.export`` and
+    ``torch.jit.script`` compiles it, alone or inside a detectron2 model: scripted, it takes the
+    boxes as ``List[Tensor]``, and also as ``List[Boxes]`` where detectron2 is installed (its ROI
+    heads pass ``Boxes``), and runs the fused ops. ``torch.export`` and
     ``torch.compile(fullgraph=True)`` trace it as it is.
     """
 
@@ -120,6 +120,18 @@ class MultiLevelRoIAlign(nn.Module):
                                                    self.output_size[0], self.output_size[1],
                                                    self.sampling_ratio, self.aligned,
                                                    deterministic)
+
+    def __prepare_scriptable__(self):
+        """What ``torch.jit.script`` compiles in place of this module (it calls this on the
+        module and on every submodule of a model it scripts): TorchScript fixes the boxes' type
+        from the annotation, so where detectron2 is importable a twin whose ``forward`` also
+        takes detectron2's ``Boxes``; the ``List[Tensor]`` module itself otherwise. The import
+        happens here, not at ``import dsig_ext``: the package does not depend on detectron2."""
+        try:
+            from ._scripting_with_boxes import with_boxes
+        except ImportError:
+            return self
+        return with_boxes(self)
 
     def extra_repr(self) -> str:
         return (f"output_size={self.output_size}, scales={self.scales}, "

@@ -69,7 +69,7 @@ def test_bad_forward():
 
 
 def test_scripted_and_exported_equal_detectron2_roipooler(tmp_path):
-    """torch.jit.script (boxes as tensors: TorchScript needs one static type) and torch.export
+    """torch.jit.script (boxes as tensors) and torch.export
     give detectron2's ROIPooler results and the eager module's gradients; a saved scripted
     module reloads and runs."""
     import warnings
@@ -96,3 +96,115 @@ def test_scripted_and_exported_equal_detectron2_roipooler(tmp_path):
     path = str(tmp_path / "pooler.pt")
     torch.jit.save(scripted, path)
     torch.testing.assert_close(torch.jit.load(path)(feats, boxes), expected, atol=1e-5, rtol=0)
+
+
+def _script(module):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        return torch.jit.script(module)
+
+
+def test_scripted_takes_detectron2_boxes():
+    """detectron2's own ROIPooler scriptability check with the fused pooler swapped in: the
+    scripted module takes List[Boxes], as the ROIPooler it replaces does, and equals eager
+    bitwise; List[Tensor] still works."""
+    pytest.importorskip("detectron2")
+    from detectron2.modeling.poolers import ROIPooler
+    from detectron2.structures import Boxes
+    import distill_utils  # noqa: F401  (puts the project on the path)
+    from distillation.meta_arch import fused_pooler_like
+
+    g = torch.Generator().manual_seed(5)
+    for scales in ((1 / 16,), SCALES):
+        pooler = fused_pooler_like(ROIPooler(14, scales, 0, "ROIAlignV2"), "fused")
+        assert isinstance(pooler, dsig_ext.MultiLevelRoIAlign)
+        feats = make_pyramid(2, 4, (160, 128), strides=[round(1 / s) for s in scales],
+                             generator=g)
+        boxes = split_boxes(make_boxes(20, (160, 128), g), 2, g)
+        eager = pooler(feats, [Boxes(b) for b in boxes])
+        scripted = _script(pooler)
+        assert torch.equal(scripted(feats, [Boxes(b) for b in boxes]), eager)
+        assert torch.equal(scripted(feats, boxes), eager)
+
+
+@pytest.mark.parametrize("fpn", [False, True], ids=["res4", "fpn"])
+def test_standard_roi_heads_script_with_fused_poolers(fpn):
+    """detectron2's StandardROIHeads scriptability check (box and mask branch) with both poolers
+    swapped for the fused one, as the distillation models swap them: the scripted heads give
+    the eager heads' instances exactly."""
+    pytest.importorskip("detectron2")
+    from detectron2.config import get_cfg
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.roi_heads import StandardROIHeads
+    from detectron2.structures import Boxes, ImageList, Instances
+    from detectron2.export.torchscript_patch import freeze_training_mode, patch_instances
+    import distill_utils  # noqa: F401  (puts the project on the path)
+    from distillation.meta_arch import fused_pooler_like
+
+    torch.manual_seed(0)
+    cfg = get_cfg()
+    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
+    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
+    cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE = "ROIAlignV2"
+    cfg.MODEL.MASK_ON = True
+    cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST = 0.01
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.01
+    sizes = [(60, 50), (80, 96)]
+    images = ImageList(torch.rand(2, 80, 96), sizes)
+    if fpn:
+        names, strides, channels = ["p2", "p3", "p4", "p5"], [4, 8, 16, 32], 16
+    else:
+        names, strides, channels = ["res4"], [16], 64
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = names
+    features = {n: torch.rand(2, channels, -(-80 // s), -(-96 // s))
+                for n, s in zip(names, strides)}
+    shapes = {n: ShapeSpec(channels=channels, stride=s) for n, s in zip(names, strides)}
+    heads = StandardROIHeads(cfg, shapes).eval()
+    heads.box_pooler = fused_pooler_like(heads.box_pooler, "fused")
+    heads.mask_pooler = fused_pooler_like(heads.mask_pooler, "fused")
+    assert isinstance(heads.box_pooler, dsig_ext.MultiLevelRoIAlign)
+    assert isinstance(heads.mask_pooler, dsig_ext.MultiLevelRoIAlign)
+
+    def proposals(make):
+        out = []
+        for i, (h, w) in enumerate(sizes):
+            inst = Instances((h, w))
+            g = torch.Generator().manual_seed(i)
+            inst.proposal_boxes = Boxes(make_boxes(12, (h, w), g, special=False))
+            inst.objectness_logits = torch.rand(12, generator=g)
+            out.append(make(inst))
+        return out
+
+    eager, _ = heads(images, features, proposals(lambda inst: inst))
+    fields = {"objectness_logits": torch.Tensor, "proposal_boxes": Boxes,
+              "pred_classes": torch.Tensor, "scores": torch.Tensor, "pred_masks": torch.Tensor,
+              "pred_boxes": Boxes, "pred_keypoints": torch.Tensor,
+              "pred_keypoint_heatmaps": torch.Tensor}
+    with freeze_training_mode(heads), patch_instances(fields) as new_instances:
+        scripted = _script(heads)
+        result, _ = scripted(images, features, proposals(new_instances.from_instances))
+    assert sum(len(r) for r in eager) > 0
+    for a, b in zip(eager, result):
+        assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+        assert torch.equal(a.scores, b.scores)
+        assert torch.equal(a.pred_classes, b.pred_classes)
+        assert torch.equal(a.pred_masks, b.pred_masks)
+
+
+def test_scripting_without_detectron2(monkeypatch):
+    """`import dsig_ext` does not import detectron2; without detectron2 the scripted pooler is the
+    List[Tensor] module itself."""
+    import subprocess
+    import sys
+
+    code = "import sys, dsig_ext; sys.exit('detectron2' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    monkeypatch.setitem(sys.modules, "dsig_ext._scripting_with_boxes", None)  # import fails
+    pooler = dsig_ext.MultiLevelRoIAlign(7, SCALES, 0)
+    assert pooler.__prepare_scriptable__() is pooler
+    g = torch.Generator().manual_seed(7)
+    feats = make_pyramid(2, 3, (96, 64), generator=g)
+    boxes = split_boxes(make_boxes(10, (96, 64), g), 2, g)
+    assert torch.equal(_script(pooler)(feats, boxes), pooler(feats, boxes))
