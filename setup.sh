@@ -10,6 +10,9 @@ cd "$(dirname "$0")"
 PACKAGES=(
   "torch==2.14.1" "torchvision==0.29.1"
   ninja pybind11 numpy pycocotools matplotlib pytest "hypothesis>=6" setuptools wheel
+  # tools/predict.py draws with detectron2's Visualizer, which imports cv2; export_student.py
+  # --format onnx needs onnx, and its check (and the test) onnxruntime
+  opencv-python-headless onnx onnxruntime
 )
 STAMPS=.setup-stamps
 mkdir -p "$STAMPS"
