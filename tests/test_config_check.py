@@ -178,3 +178,28 @@ def test_check_loads_the_weights_that_are_here(offline, tmp_path, monkeypatch, c
     assert "1 problem(s)" in log  # the teacher's file
     assert "overrides: DISTILL.TEACHER.WEIGHTS '' DISTILL.TEACHER.ALLOW_RANDOM_INIT True " \
            "SOLVER.CLIP_GRADIENTS.ENABLED True SOLVER.CLIP_GRADIENTS.CLIP_TYPE norm" in log
+
+
+def test_batch_with_reference_world_size(capsys):
+    """SOLVER.REFERENCE_WORLD_SIZE: the check reports the schedule the trainer will scale to (the
+    README's table), and a batch auto-scaling cannot split is a finding, not the trainer's bare
+    assertion."""
+    import types
+
+    from distillation.check import Report, _Check
+    from distillation.training import load_config
+
+    def batch_check(gpus, opts):
+        check = _Check(types.SimpleNamespace(num_gpus=gpus, num_machines=1), "")
+        config = os.path.join(CONFIGS, "Distillation-FasterRCNN-R18-R50-dsig-1x.yaml")
+        check.cfg = load_config(config, opts)
+        check.report = Report()
+        check.batch()
+        return check.report, capsys.readouterr().out
+
+    report, text = batch_check(8, ["SOLVER.REFERENCE_WORLD_SIZE", "4"])
+    assert not report.problems, text
+    assert "IMS_PER_BATCH 8 -> 16, BASE_LR 0.01 -> 0.02, MAX_ITER 180000 -> 90000" in text, text
+    assert "16 images per iteration, 2 per process over 8 process(es)" in text, text
+    report, text = batch_check(2, ["SOLVER.REFERENCE_WORLD_SIZE", "3"])
+    assert "is not a multiple of SOLVER.REFERENCE_WORLD_SIZE 3" in text and report.problems

@@ -228,7 +228,26 @@ class _Check:
             return False
 
     def batch(self) -> None:
+        from detectron2.engine import DefaultTrainer
+
         batch, n = self.cfg.SOLVER.IMS_PER_BATCH, self.processes
+        reference = self.cfg.SOLVER.REFERENCE_WORLD_SIZE
+        if reference and reference != n:  # the trainer rescales the schedule for n processes
+            if batch % reference:
+                self.report.problem(
+                    f"SOLVER.IMS_PER_BATCH {batch} is not a multiple of "
+                    f"SOLVER.REFERENCE_WORLD_SIZE {reference} (the trainer's auto-scaling "
+                    "needs whole images per process)",
+                    f"set SOLVER.IMS_PER_BATCH {max(reference, batch // reference * reference)}",
+                    ["SOLVER.IMS_PER_BATCH", str(max(reference, batch // reference * reference))])
+                return
+            solver = DefaultTrainer.auto_scale_workers(self.cfg, n).SOLVER
+            self.report.fact(
+                f"schedule scaled from {reference} to {n} process(es) "
+                f"(SOLVER.REFERENCE_WORLD_SIZE): IMS_PER_BATCH {batch} -> {solver.IMS_PER_BATCH}, "
+                f"BASE_LR {self.cfg.SOLVER.BASE_LR:g} -> {solver.BASE_LR:g}, "
+                f"MAX_ITER {self.cfg.SOLVER.MAX_ITER} -> {solver.MAX_ITER}")
+            batch = solver.IMS_PER_BATCH
         if batch % n:
             fixed = max(n, batch // n * n)
             self.report.problem(f"SOLVER.IMS_PER_BATCH {batch} does not divide among {n} "
