@@ -22,7 +22,8 @@ from detectron2.utils.file_io import PathManager
 
 from .errors import InputError
 from .original_backbones import backbone_layout_mismatch
-from .weights import CONVERTED_AUTHORS, register_torchvision_handler, resolve_weights
+from .weights import (CONVERTED_AUTHORS, register_torchvision_handler, require_weights,
+                      resolve_weights)
 
 register_torchvision_handler()
 
@@ -140,7 +141,7 @@ def _raise_mismatch(source: str, missing, unexpected, wrong):
 def load_teacher_weights(teacher: torch.nn.Module, path: str) -> None:
     """Load a detectron2 checkpoint (.pkl model-zoo or .pth) into the teacher, strictly."""
     checkpointer = SafeDetectionCheckpointer(teacher)
-    checkpoint = checkpointer._load_file(resolve_weights(path, "DISTILL.TEACHER.WEIGHTS"))
+    checkpoint = checkpointer._load_file(require_weights(path, "DISTILL.TEACHER.WEIGHTS"))
     weights = checkpoint["model"]
     if checkpoint.get("matching_heuristics", False):
         raise TeacherWeightsError(

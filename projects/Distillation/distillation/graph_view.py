@@ -3,6 +3,8 @@ and student's edge matrices side by side with their difference."""
 import json
 import os
 
+from .errors import ConfigError, MissingFileError
+
 
 def load_example(json_file, image_path, cfg):
     import numpy as np
@@ -10,12 +12,16 @@ def load_example(json_file, image_path, cfg):
     from detectron2.data import detection_utils as utils
     from detectron2.structures import BoxMode
 
+    for path, option in ((json_file, "--json"), (image_path, "--image")):
+        if not os.path.isfile(path):
+            raise MissingFileError(f"{path} not found ({option})")
     with open(json_file) as f:
         coco = json.load(f)
     name = os.path.basename(image_path)
     image = next((im for im in coco["images"] if os.path.basename(im["file_name"]) == name), None)
     if image is None:
-        raise SystemExit(f"{name} is not an image of {json_file}")
+        raise ConfigError(f"{name} is not an image of {json_file} (--image must be one of the "
+                          "json's images: its annotations are the graph's nodes)")
     cats = {c["id"]: i for i, c in enumerate(sorted(coco["categories"], key=lambda c: c["id"]))}
     annos = [{"bbox": a["bbox"], "bbox_mode": BoxMode.XYWH_ABS, "category_id": cats[a["category_id"]]}
              for a in coco["annotations"] if a["image_id"] == image["id"]]
@@ -67,19 +73,28 @@ def draw(img_rgb, graph, output, title=""):
     return {"nodes": n, "fg": n_fg, "edge_mse": float(((e_t - e_s) ** 2).mean())}
 
 
-class GraphConfigError(ValueError):
-    """A config whose model has no instance graph (tools/visualize_graph.py prints it as one
-    line)."""
+class GraphConfigError(ConfigError):
+    """A config whose model has no instance graph (tools/visualize_graph.py prints it, as any
+    InputError, as one line)."""
 
 
 def visualize(config, image, json_file, output, weights="", opts=(), seed=0):
+    """Draw the instance graph of `image` (annotated in the COCO `json_file`) to `output`; the
+    model from `config` with the KEY VALUE `opts`, its weights from the checkpoint `weights`
+    (student.* and teacher.*) or, without one, from MODEL.WEIGHTS / DISTILL.TEACHER.WEIGHTS.
+    Returns the graph's sizes and edge MSE. Raises InputError on bad input."""
     import torch
     from detectron2.modeling import META_ARCH_REGISTRY, build_model
 
-    from distillation.checkpoint import DistillationCheckpointer
+    from distillation.checkpoint import DistillationCheckpointer, TeacherWeightsError
     from distillation.training import load_config
 
     cfg = load_config(config, list(opts))
+    if weights:
+        if not os.path.isfile(weights):
+            raise MissingFileError(f"checkpoint {weights} not found (--weights)")
+        # the checkpoint is the model's weights: the build then knows a teacher is coming
+        cfg.MODEL.WEIGHTS = weights
     cfg.freeze()
     arch = cfg.MODEL.META_ARCHITECTURE
     if not hasattr(META_ARCH_REGISTRY.get(arch), "instance_graphs"):
@@ -87,8 +102,13 @@ def visualize(config, image, json_file, output, weights="", opts=(), seed=0):
                                f"META_ARCHITECTURE is {arch}): only a two-stage distillation "
                                "model has an instance graph to draw")
     model = build_model(cfg)
-    if weights:
-        DistillationCheckpointer(model).load(weights)
+    if cfg.MODEL.WEIGHTS:  # a drawing of a partly random student would mislead: all or nothing
+        DistillationCheckpointer(model, require_complete=True).load(cfg.MODEL.WEIGHTS)
+    if not model.teacher_weights_loaded and not cfg.DISTILL.TEACHER.ALLOW_RANDOM_INIT:
+        raise TeacherWeightsError(
+            "the teacher has no weights: give --weights a distillation checkpoint (teacher.* "
+            "keys) or set DISTILL.TEACHER.WEIGHTS; to draw a random teacher's graph, "
+            "DISTILL.TEACHER.ALLOW_RANDOM_INIT True")
     img, batch = load_example(json_file, image, cfg)
     torch.manual_seed(seed)  # RoI sampling
     graph = model.instance_graphs(batch)

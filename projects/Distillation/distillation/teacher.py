@@ -3,14 +3,14 @@ import logging
 import os
 
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList
 
 from .checkpoint import load_teacher_weights
 from .config import add_distillation_config
 from .errors import ConfigError, MissingFileError
-from .yaml_io import read_config
+from .yaml_io import merge_into, read_config
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ def teacher_config(cfg):
     mismatch is then refused when the model is built)."""
     tcfg = get_cfg()
     add_distillation_config(tcfg)
-    tcfg.merge_from_other_cfg(CfgNode(read_config(resolve_teacher_config_path(cfg))))
+    path = resolve_teacher_config_path(cfg)
+    merge_into(tcfg, read_config(path), path)
     opts = list(cfg.DISTILL.TEACHER.OPTS)
     for key in CLASS_COUNT_KEYS:
         if key not in opts[::2]:
@@ -86,7 +87,7 @@ def build_teacher(cfg):
     weights = cfg.DISTILL.TEACHER.WEIGHTS
     if weights:
         load_teacher_weights(teacher, weights)
-    elif not cfg.DISTILL.TEACHER.ALLOW_RANDOM_INIT:
+    elif not cfg.DISTILL.TEACHER.ALLOW_RANDOM_INIT and not cfg.MODEL.WEIGHTS:
         # MODEL.WEIGHTS may still bring teacher.* keys (the original merged checkpoint); the
         # checkpointer checks them. Without either, training would distil from noise.
         logger.warning("DISTILL.TEACHER.WEIGHTS is empty: the teacher must come from "

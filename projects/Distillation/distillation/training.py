@@ -3,11 +3,12 @@ import itertools
 import logging
 import os
 import time
+import warnings
 import weakref
 from typing import List
 
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import get_cfg
 from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import DefaultTrainer, SimpleTrainer, default_setup, hooks
 from detectron2.evaluation import COCOEvaluator
@@ -20,9 +21,10 @@ from .config import add_distillation_config
 from .data_checks import (USER_DATASETS, DataError, MissingDataError, check_run_datasets,
                           class_count_opts)
 from .errors import ConfigError, MissingFileError
+from .logs import held_logs, replay, setup_logs
 from .random_init import calibrate_random_networks, frozen_bn_layers
-from .weights import RANDOM_INIT_OVERRIDES, resolve_weights
-from .yaml_io import read_config
+from .weights import require_weights
+from .yaml_io import merge_into, read_config
 
 logger = logging.getLogger("distillation")
 
@@ -40,7 +42,7 @@ def load_config(config_file: str, opts=(), allow_unsafe_yaml: bool = False):
         logger.warning("%s is written for the original DSIG repository: translating its keys "
                        "(see projects/Distillation/README.md)", config_file)
         data = legacy.translate_config(data, config_file)
-    cfg.merge_from_other_cfg(CfgNode(data))
+    merge_into(cfg, data, config_file)
     merge_options(cfg, opts)
     teacher = cfg.DISTILL.TEACHER.CONFIG
     if teacher and not os.path.isabs(teacher):
@@ -110,17 +112,6 @@ def uses_teacher(cfg) -> bool:
 def will_resume(cfg, resume: bool) -> bool:
     """Whether --resume finds a checkpoint in OUTPUT_DIR (MODEL.WEIGHTS is then not read)."""
     return resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
-
-
-def require_weights(form: str, key: str) -> str:
-    """The local file of config key `key`'s weights form: fetched now where needed; an error
-    naming the key when it cannot be, or when a local file is not there."""
-    path = resolve_weights(form, key)
-    if not os.path.isfile(path):
-        raise MissingFileError(f"{key} {form}: file not found; set {key} to the weights file "
-                               f"({RANDOM_INIT_OVERRIDES[key]} for a smoke test with random "
-                               "weights)")
-    return path
 
 
 def check_inputs(args) -> List[str]:
@@ -305,9 +296,34 @@ class Trainer(DefaultTrainer):
         return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
 
 
-def setup(args):
-    cfg = load_config(args.config_file, args.opts,
-                      allow_unsafe_yaml=getattr(args, "allow_unsafe_yaml", False))
+def explain_worker_count(cfg) -> None:
+    """DATALOADER.NUM_WORKERS above the CPUs this process may use (the shipped configs' 4 on a
+    small machine) is kept, with one line saying so instead of torch's warning at every loader:
+    each worker draws its own random flips and sizes, so capping the count would change the
+    training."""
+    workers = cfg.DATALOADER.NUM_WORKERS
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if not cpus or workers <= cpus:
+        return
+    logger.info("DATALOADER.NUM_WORKERS %d is above the %d CPU(s) this process may use: kept, "
+                "as the worker count decides each image's random augmentation (set "
+                "DATALOADER.NUM_WORKERS %d for fewer processes, a different data draw)",
+                workers, cpus, cpus)
+    warnings.filterwarnings("ignore", message=r"This DataLoader will create \d+ worker processes",
+                            category=UserWarning)
+
+
+def setup(args, held_records=None):
+    """detectron2's set-up (get_cfg, the project's keys, the file, the options, freeze,
+    default_setup) with the project's logs (logs.py), and the line on the worker count.
+    `held_records`: what train_net's input checks logged before launch, logged here once the
+    log files exist (this config load logs the same again, so it is dropped then)."""
+    with held_logs() as own:
+        cfg = load_config(args.config_file, args.opts,
+                          allow_unsafe_yaml=getattr(args, "allow_unsafe_yaml", False))
     cfg.freeze()
+    setup_logs(cfg.OUTPUT_DIR, comm.get_rank())  # first: default_setup logs the config
     default_setup(cfg, args)
+    replay(own.records if held_records is None else held_records)
+    explain_worker_count(cfg)
     return cfg

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, MissingFileError
 
 TORCHVISION = "torchvision://"
 DETECTRON2 = "detectron2://"
@@ -199,6 +199,17 @@ def resolve_weights(path: str, key: str = "") -> str:
         return torchvision_init_file(path, key)
     if path.startswith(DETECTRON2):
         return zoo_file(path, key)
+    return path
+
+
+def require_weights(form: str, key: str) -> str:
+    """The local file of config key `key`'s weights form: fetched now where needed; an error
+    naming the key when it cannot be, or when a local file is not there."""
+    path = resolve_weights(form, key)
+    if not os.path.isfile(path):
+        raise MissingFileError(f"{key} {form}: file not found; set {key} to the weights file "
+                               f"({RANDOM_INIT_OVERRIDES[key]} for a smoke test with random "
+                               "weights)")
     return path
 
 
