@@ -102,8 +102,9 @@ def visualize(config, image, json_file, output, weights="", opts=(), seed=0):
                                f"META_ARCHITECTURE is {arch}): only a two-stage distillation "
                                "model has an instance graph to draw")
     model = build_model(cfg)
-    if cfg.MODEL.WEIGHTS:  # a drawing of a partly random student would mislead: all or nothing
-        DistillationCheckpointer(model, require_complete=True).load(cfg.MODEL.WEIGHTS)
+    if cfg.MODEL.WEIGHTS:  # as training loads it; a --weights checkpoint must fill the student
+        # (a drawing of a partly random trained student would mislead)
+        DistillationCheckpointer(model, require_complete=bool(weights)).load(cfg.MODEL.WEIGHTS)
     if not model.teacher_weights_loaded and not cfg.DISTILL.TEACHER.ALLOW_RANDOM_INIT:
         raise TeacherWeightsError(
             "the teacher has no weights: give --weights a distillation checkpoint (teacher.* "
