@@ -94,12 +94,11 @@ def resolve_device(device: Optional[str]) -> str:
     return device
 
 
-def load_detector(config_file: str, weights: str = "", opts=(), device: Optional[str] = None,
-                  allow_unsafe_yaml: bool = False, score_threshold: Optional[float] = None):
-    """(cfg, model): the config's detector (the student of a distillation config) in eval mode
-    with every weight from `weights` (default: the config's MODEL.WEIGHTS). `score_threshold`
-    sets the config's test-time score thresholds. Raises InputError subclasses on bad input."""
-    from .checkpoint import DistillationCheckpointer
+def detector_config(config_file: str, weights: str = "", opts=(), device: Optional[str] = None,
+                    allow_unsafe_yaml: bool = False, score_threshold: Optional[float] = None):
+    """The frozen config of the detector to deploy: the student of a distillation config, on
+    `device`, MODEL.WEIGHTS = `weights` (default: the config's), `score_threshold` as its
+    test-time score thresholds. Raises InputError subclasses on bad input."""
     from .training import load_config
 
     cfg = load_config(config_file, opts, allow_unsafe_yaml=allow_unsafe_yaml)
@@ -116,8 +115,17 @@ def load_detector(config_file: str, weights: str = "", opts=(), device: Optional
         cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score_threshold
         cfg.MODEL.RETINANET.SCORE_THRESH_TEST = score_threshold
     cfg.freeze()
+    return cfg
+
+
+def build_detector(cfg):
+    """The detector of `cfg` (detector_config) in eval mode, with every weight from
+    MODEL.WEIGHTS: a file that leaves any without a value, or is no checkpoint, is an error."""
+    from .checkpoint import DistillationCheckpointer
+
     model = build_model(cfg)
     model.eval()
+    weights = cfg.MODEL.WEIGHTS
     try:
         # every weight filled or an error listing the rest (a partly random model is no detector)
         DistillationCheckpointer(model, require_complete=True).load(weights)
@@ -125,7 +133,14 @@ def load_detector(config_file: str, weights: str = "", opts=(), device: Optional
         if "://" not in weights:
             read_checkpoint(weights)  # one line when the file is not a checkpoint
         raise
-    return cfg, model
+    return model
+
+
+def load_detector(config_file: str, weights: str = "", opts=(), device: Optional[str] = None,
+                  allow_unsafe_yaml: bool = False, score_threshold: Optional[float] = None):
+    """(cfg, model): detector_config and build_detector in one."""
+    cfg = detector_config(config_file, weights, opts, device, allow_unsafe_yaml, score_threshold)
+    return cfg, build_detector(cfg)
 
 
 # --- tracing --------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def parse_args(argv=None):
 
 def run(args) -> None:
     """Predict as `args` say; raises InputError subclasses on bad input."""
-    from distillation.deploy import load_detector
+    from distillation.deploy import build_detector, detector_config
     from distillation.prediction import (check_readable, choose_categories, collect_inputs,
                                          predict)
 
@@ -82,9 +82,10 @@ def run(args) -> None:
     items = collect_inputs(args.input, args.image_root)
     check_readable(items)
     is_json = args.input.lower().endswith(".json") and os.path.isfile(args.input)
-    cfg, model = load_detector(args.config_file, args.weights, args.opts, args.device or None,
-                               args.allow_unsafe_yaml, score_threshold=args.score_threshold)
+    cfg = detector_config(args.config_file, args.weights, args.opts, args.device or None,
+                          args.allow_unsafe_yaml, score_threshold=args.score_threshold)
     categories = choose_categories(cfg, args.categories, args.input if is_json else "")
+    model = build_detector(cfg)
     print(f"predict: {len(items)} image(s) from {args.input}; {cfg.MODEL.META_ARCHITECTURE} on "
           f"{cfg.MODEL.DEVICE}; weights {cfg.MODEL.WEIGHTS}; class names from "
           f"{categories.source}; score threshold {args.score_threshold}")
