@@ -51,7 +51,7 @@ def opt(call, key):
 def test_bad_mode_is_refused_before_anything_runs(fake_python):
     proc, calls = run(["trian", CONFIG], fake_python)
     assert proc.returncode == 2
-    assert "unknown mode 'trian'; use train, eval, debugtrain or check" in proc.stderr
+    assert "unknown mode 'trian'; use train, eval, debugtrain, check or predict" in proc.stderr
     assert proc.stdout == "" and calls == []  # no banner, no torch import for the GPU count
 
 
@@ -133,3 +133,36 @@ def test_check_mode_checks_for_the_processes_train_would_start(fake_python):
         "4 process(es))")
     assert train_call(calls)[1:] == ["--config-file", os.path.join(ROOT, CONFIG), "--check",
                                      "--num-gpus", "4", "SOLVER.MAX_ITER", "2"]
+
+
+def test_predict_runs_the_predict_tool_on_the_runs_weights(fake_python, tmp_path):
+    """predict: INPUT read from the caller's directory, the run's model_final.pth, output in
+    the .predict folder; the tool's options pass through as pairs, --weights / --output named
+    in the banner as the tool will read them; no GPU probe (one process)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    proc, calls = run(["predict", CONFIG, "images", "--score-threshold", "0.3"], fake_python,
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (call,) = calls  # the tool alone: no `python -c` GPU count
+    assert call[0].endswith("projects/Distillation/tools/predict.py")
+    assert call[1:] == [str(images), "--config-file", os.path.join(ROOT, CONFIG), "--weights",
+                        OUT + "/model_final.pth", "--output", OUT + ".predict",
+                        "--score-threshold", "0.3"]
+    assert proc.stdout.splitlines()[0].startswith(
+        f"[start_train] predict {CONFIG} on images -> {os.path.join(ROOT, OUT[2:])}.predict "
+        f"(weights {os.path.join(ROOT, OUT[2:])}/model_final.pth)")
+    proc, calls = run(["predict", CONFIG, str(images), "--weights", "/w/student.pth",
+                       "OUTPUT_DIR", "/tmp/p"], fake_python)
+    assert "-> /tmp/p (weights /w/student.pth)" in proc.stdout.splitlines()[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["predict", CONFIG], "predict needs an INPUT after the config"),
+    (["predict", CONFIG, "nothere"], "predict input 'nothere' not found"),
+    (["predict", CONFIG, "projects", "--score-threshold"], "options must be KEY VALUE pairs"),
+])
+def test_predict_refusals_come_first(fake_python, args, message):
+    proc, calls = run(args, fake_python)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert proc.stdout == "" and calls == []
