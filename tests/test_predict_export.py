@@ -224,18 +224,21 @@ def test_predict_input_errors(files, tmp_path, capsys):
     assert not os.path.exists(str(tmp_path / "out"))
 
 
-def _detections(outputs):
-    """(boxes, classes, scores) of the exported model's outputs (pred_boxes, pred_classes,
-    scores, image_size)."""
-    boxes, classes, scores, size = outputs
-    return boxes, classes, scores
+def _detections(boxes, classes, scores, *rest):
+    """(boxes, classes, scores) as tensors in canonical order (ties of scores are ordered
+    arbitrarily by the model)."""
+    from distillation.deploy import canonical_order
+
+    boxes, classes, scores = (torch.as_tensor(x).detach() for x in (boxes, classes, scores))
+    order = torch.as_tensor(canonical_order(scores, classes, boxes))
+    return boxes[order], classes[order], scores[order]
 
 
 def test_torchscript_export_equals_eager(files, student, tmp_path):
     """export_student.py --format torchscript of the exported student with the student's
     config: the saved module, reloaded here, gives the eager student's detections on an image of
     another size than the one traced."""
-    from distillation.deploy import METADATA_FILE, eager_detections
+    from distillation.deploy import METADATA_FILE, ExportMismatchError, compare, eager_detections
 
     path = str(tmp_path / "student.ts")
     rc, out, err = _script("export_student.py", [
@@ -252,11 +255,19 @@ def test_torchscript_export_equals_eager(files, student, tmp_path):
     _, model = student
     image = torch.rand(3, 56, 88, generator=torch.Generator().manual_seed(3)) * 255
     expected = eager_detections(model, image)
-    boxes, classes, scores = _detections(traced(image))
     assert len(expected) > 0
-    torch.testing.assert_close(boxes, expected.pred_boxes.tensor, rtol=0, atol=1e-4)
-    torch.testing.assert_close(scores, expected.scores, rtol=0, atol=1e-5)
-    assert torch.equal(classes, expected.pred_classes)
+    boxes, classes, scores = _detections(*traced(image))
+    want_boxes, want_classes, want_scores = _detections(
+        expected.pred_boxes.tensor, expected.pred_classes, expected.scores)
+    torch.testing.assert_close(boxes, want_boxes, rtol=0, atol=1e-4)
+    torch.testing.assert_close(scores, want_scores, rtol=0, atol=1e-5)
+    assert torch.equal(classes, want_classes)
+    # the exporter's own check (run before it reported success) sees a shifted box
+    outputs = [o.detach().clone() for o in traced(image)]
+    assert compare("traced", outputs, expected) < 1e-4
+    outputs[0][0, 0] += 0.01
+    with pytest.raises(ExportMismatchError, match="pred_boxes differs from eager by 0.01"):
+        compare("traced", outputs, expected)
 
 
 def test_onnx_export_equals_eager(student, tmp_path):
@@ -272,12 +283,14 @@ def test_onnx_export_equals_eager(student, tmp_path):
     assert names == ["pred_boxes", "pred_classes", "scores", "image_size"] and worst is not None
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     image = torch.rand(3, 56, 88, generator=torch.Generator().manual_seed(4)) * 255
-    boxes, classes, scores = _detections(session.run(None, {"image": image.numpy()}))
+    boxes, classes, scores = _detections(*session.run(None, {"image": image.numpy()}))
     expected = eager_detections(model, image)
     assert len(expected) > 0
-    np.testing.assert_allclose(boxes, expected.pred_boxes.tensor.numpy(), rtol=0, atol=1e-3)
-    np.testing.assert_allclose(scores, expected.scores.numpy(), rtol=0, atol=1e-5)
-    np.testing.assert_array_equal(classes, expected.pred_classes.numpy())
+    want_boxes, want_classes, want_scores = _detections(
+        expected.pred_boxes.tensor, expected.pred_classes, expected.scores)
+    torch.testing.assert_close(boxes, want_boxes, rtol=0, atol=1e-3)
+    torch.testing.assert_close(scores, want_scores, rtol=0, atol=1e-5)
+    assert torch.equal(classes, want_classes)
 
 
 def test_export_student_refuses_files_that_are_not_distillation_checkpoints(files, tmp_path,

@@ -214,26 +214,43 @@ def check_images(image: torch.Tensor) -> List[torch.Tensor]:
     return [image, image.transpose(1, 2).contiguous()]
 
 
+def canonical_order(scores, classes, boxes) -> np.ndarray:
+    """Detection indices by score (descending), then class and box: the order of detections
+    whose scores tie (near-uniform scores of an untrained head) is arbitrary in the model, and
+    may differ between eager and traced runs."""
+    scores, classes, boxes = (np.asarray(torch.as_tensor(x).detach().cpu())
+                              for x in (scores, classes, boxes))
+    keys = [np.round(boxes[:, i], 2) for i in reversed(range(4))]
+    return np.lexsort(keys + [classes, -np.round(scores, 4)])
+
+
 def compare(name: str, outputs, expected: Instances, atol: float = 1e-4) -> float:
-    """Largest difference of `outputs` (tensors in output_names order) from the eager detections;
-    ExportMismatchError when counts, classes or values differ beyond `atol` (pixels/scores)."""
+    """Largest difference of `outputs` (tensors in output_names order) from the eager detections,
+    both in canonical_order; ExportMismatchError when counts, classes or values differ beyond
+    `atol` (pixels/scores)."""
     names = output_names(expected)
-    fields = dict(expected.get_fields(), image_size=torch.tensor(expected.image_size))
+    got = {k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else
+                              v.detach().cpu()) for k, v in zip(names, outputs)}
+    want = {k: getattr(v, "tensor", v).detach().cpu() for k, v in expected.get_fields().items()}
+    want["image_size"] = torch.tensor(expected.image_size)
+    for key in names:
+        if tuple(got[key].shape) != tuple(want[key].shape):
+            raise ExportMismatchError(f"{name}: {key} has shape {tuple(got[key].shape)}, eager "
+                                      f"{tuple(want[key].shape)}")
+    detections = [k for k in names if k != "image_size"]
+    for fields in (got, want):
+        order = torch.as_tensor(canonical_order(fields["scores"], fields["pred_classes"],
+                                                fields["pred_boxes"]))
+        fields.update({k: fields[k][order] for k in detections})
     worst = 0.0
-    for key, got in zip(names, outputs):
-        want = fields[key]
-        want = getattr(want, "tensor", want)
-        got = torch.as_tensor(np.asarray(got) if not isinstance(got, torch.Tensor) else got)
-        if tuple(got.shape) != tuple(want.shape):
-            raise ExportMismatchError(f"{name}: {key} has shape {tuple(got.shape)}, eager "
-                                      f"{tuple(want.shape)}")
-        got = got.detach()
-        if got.is_floating_point():
-            diff = float((got.float() - want.float().cpu()).abs().max()) if got.numel() else 0.0
+    for key in names:
+        if got[key].is_floating_point():
+            diff = (float((got[key].float() - want[key].float()).abs().max())
+                    if got[key].numel() else 0.0)
             worst = max(worst, diff)
             if diff > atol:
                 raise ExportMismatchError(f"{name}: {key} differs from eager by {diff:g}")
-        elif not torch.equal(got.cpu(), want.cpu().to(got.dtype)):
+        elif not torch.equal(got[key], want[key].to(got[key].dtype)):
             raise ExportMismatchError(f"{name}: {key} differs from eager")
     return worst
 
