@@ -1,12 +1,18 @@
-"""The demo pipeline end to end on the tiny preset: report files with numeric AP values."""
+"""The demo pipeline end to end on the tiny preset: report files with numeric AP values, a\nreport and a console that say what they show."""
+import argparse
+import contextlib
+import io
 import json
 import math
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 
 pytest.importorskip("detectron2")
-import distill_utils  # noqa: E402,F401
+from distill_utils import PROJECT, ROOT  # noqa: E402
 from distillation import demo  # noqa: E402
 
 
@@ -90,28 +96,53 @@ def test_report_over_seeds(tmp_path):
         demo.run(str(tmp_path), "tiny", seeds=[-1])
 
 
-def test_tiny_demo_pipeline(tmp_path):
-    report = demo.run(str(tmp_path), "tiny", seeds=0, ablation=True)
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    """One tiny demo (teacher, baseline, dsig and the ablation's students, seed 0) shared by the
+    tests that read its folder, its report and what it printed."""
+    out = tmp_path_factory.mktemp("tiny_demo")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        report = demo.run(str(out), "tiny", seeds=0, ablation=True)
+    return out, report, printed.getvalue()
+
+
+TINY_RUNS = ("teacher", "baseline", "dsig", "dsig-edges", "dsig-edges-fg")
+
+
+def test_tiny_demo_pipeline(tiny_demo):
+    tmp_path, report, printed = tiny_demo
     for name in ("report.md", "report.json", "ap.png", "loss.png", "graph.png"):
         assert os.path.isfile(tmp_path / name), name
     with open(tmp_path / "report.json") as f:
         saved = json.load(f)
     assert saved == json.loads(json.dumps(report))
     runs = saved["per_seed"]["0"]["results"]
-    assert set(runs) == {"teacher", "baseline", "dsig", "dsig-edges", "dsig-edges-fg"}
+    assert set(runs) == set(TINY_RUNS)
     assert set(saved["gap_recovered"]) == {"dsig", "dsig-edges", "dsig-edges-fg"}
     for r in runs.values():
         assert isinstance(r["bbox"]["AP"], float) and not math.isnan(r["bbox"]["AP"])
         assert r["seconds_per_iter"] > 0 and r["threads"] >= 1
+    # the steps after the first 5 (warm-up) are timed: 8 - 5 for the teacher, 6 - 5 for students
+    assert runs["teacher"]["timed_iters"] == 3
+    assert all(runs[name]["timed_iters"] == 1 for name in TINY_RUNS[1:])
     for name in ("dsig", "dsig-edges", "dsig-edges-fg"):  # graph sizes logged in training
         graph = runs[name]["graph"]
         assert graph["graph_nodes"] >= 1 and 0 <= graph["mined_bg_fraction"] <= 1
     assert "graph" not in runs["baseline"] and "graph" not in runs["teacher"]
     assert "- dsig: " in (tmp_path / "report.md").read_text().split("Instance graphs")[1]
-    # a re-run skips every stage already done
+    # trained from scratch: no stage claims a cached result
+    assert "stage 2/7: seed 0: teacher R50-FPN, 8 iterations\n" in printed
+    assert "(cached" not in printed
+    # a re-run skips every stage already done, and says so
     mtime = os.path.getmtime(tmp_path / "dsig-tiny-seed0" / "result.json")
-    demo.run(str(tmp_path), "tiny", seeds=[0], ablation=True)
+    again = io.StringIO()
+    with contextlib.redirect_stdout(again):
+        demo.run(str(tmp_path), "tiny", seeds=[0], ablation=True)
     assert os.path.getmtime(tmp_path / "dsig-tiny-seed0" / "result.json") == mtime
+    for name in TINY_RUNS:
+        cached = f"(cached: {tmp_path / f'{name}-tiny-seed0' / 'result.json'})"
+        assert cached in again.getvalue(), name
 
     # the graph view on its own: an image panel and three matrix panels
     from PIL import Image
@@ -128,6 +159,107 @@ def test_tiny_demo_pipeline(tmp_path):
     assert stats["nodes"] >= stats["fg"] >= 1 and stats["edge_mse"] >= 0
     width, height = Image.open(out).size
     assert width > 3 * height  # four panels side by side
+
+
+def test_tiny_report_is_readable(tiny_demo):
+    """The tiny report says it is a pipeline check, what s/iter measures (and prints none for
+    runs too short to time), and its figures show the numbers: AP on an axis of a few AP
+    points from 0, one-point loss series as markers."""
+    from distillation.demo import plots
+
+    tmp_path, report, _ = tiny_demo
+    text = (tmp_path / "report.md").read_text()
+    assert text.splitlines()[2].startswith("**The tiny preset is a pipeline check only**")
+    assert "median wall-clock time of a training step" in text and "after the first 5" in text
+    for name in TINY_RUNS:  # 3 or 1 steps past the warm-up: too few to time
+        assert re.search(rf"^\| {name} \|.* \| – \|$", text, re.M), name
+    fig = plots.ap_figure(report)
+    low, high = fig.axes[0].get_ylim()
+    assert low == 0 and high >= plots.MIN_AP_SPAN
+    results = {0: {name: {"loss_curve": demo.loss_curve(str(tmp_path / f"{name}-tiny-seed0"))}
+                   for name in TINY_RUNS}}
+    lines = plots.loss_figure(results, list(TINY_RUNS)).axes[0].lines
+    assert len(lines) == len(TINY_RUNS)
+    for line in lines:  # detectron2 logged one loss per tiny run: drawn as a marker
+        assert len(line.get_xdata()) == 1 and line.get_marker() not in (None, "None", "")
+    # a long run keeps a plain line
+    long = {0: {"dsig": {"loss_curve": [{"iteration": i, "total_loss": 1.0}
+                                        for i in range(19, 600, 20)]}}}
+    assert plots.loss_figure(long, ["dsig"]).axes[0].lines[0].get_marker() in (None, "None")
+
+
+def test_steady_step_seconds_leave_out_the_warm_up():
+    """s/iter is the median of the steps after the first WARMUP_STEPS of a session (the first
+    steps set up kernels and memory and are several times slower)."""
+    from types import SimpleNamespace
+
+    from detectron2.utils.events import EventStorage
+
+    from distillation.demo import runs
+
+    with EventStorage(start_iter=10) as storage:  # a resumed run: warm-up counted from 10
+        for it, seconds in enumerate([9.0, 8.0, 7.0, 5.0, 3.0, 1.0, 1.2, 0.8], start=10):
+            storage.iter = it
+            storage.put_scalar("time", seconds)
+    trainer = SimpleNamespace(storage=storage, start_iter=10)
+    assert runs.WARMUP_STEPS == 5 and runs.steady_step_seconds(trainer) == [1.0, 1.2, 0.8]
+
+
+def test_run_demo_prints_where_the_report_is(tiny_demo):
+    """run_demo.py (a re-run: every stage reused) prints the report, then its path last."""
+    tmp_path, _, _ = tiny_demo
+    proc = subprocess.run([sys.executable, os.path.join(PROJECT, "run_demo.py"), "--preset",
+                           "tiny", "--ablation", "--output", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout.rstrip().splitlines()
+    assert out[-1].startswith(f"[demo] report: {tmp_path / 'report.md'} ")
+    assert "# DSIG demo report (tiny preset, seed 0)" in out
+    assert sum("(cached: " in line for line in out) == len(TINY_RUNS)
+
+
+def test_run_demo_help():
+    """--help: the whole description, every option with its help and default, every preset and
+    method explained."""
+    from distillation.demo import cli
+    from distillation.demo.presets import METHOD_PURPOSE, PRESETS, describe_preset
+
+    proc = subprocess.run([sys.executable, os.path.join(PROJECT, "run_demo.py"), "--help"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    flat = " ".join(proc.stdout.split())
+    assert " ".join(cli.DESCRIPTION.split()) in flat and cli.DESCRIPTION.endswith(".")
+    for action in cli.build_parser()._actions:
+        assert action.help, action.option_strings
+        assert " ".join((action.help % {"default": action.default}).split()) in flat
+        if action.default not in (None, False, argparse.SUPPRESS):
+            assert "(default: " in action.help, action.option_strings
+    for name in PRESETS:
+        assert f"{name} {describe_preset(name)}" in flat
+    for name, text in METHOD_PURPOSE.items():
+        assert f"{name} {text}" in flat
+    assert max(map(len, proc.stdout.splitlines())) <= 80
+
+
+def test_report_rewritten_from_its_json(tmp_path):
+    """run_demo.py --report-only: a finished demo's report (here a committed one in the first
+    layout) rewritten in the current layout from report.json, numbers and machine kept."""
+    from distillation.demo import cli
+
+    committed = os.path.join(ROOT, "benchmarks", "results", "demo-quick-seed0")
+    old = json.load(open(os.path.join(committed, "report.json")))
+    (tmp_path / "report.json").write_text(json.dumps(old))
+    report = cli.main(["--report-only", "--output", str(tmp_path)])
+    assert report["seeds"] == [0] and report["machine"] == old["machine"]
+    assert report["mean"]["dsig"]["bbox"]["AP"] == old["results"]["dsig"]["bbox"]["AP"]
+    text = (tmp_path / "report.md").read_text()
+    assert "| dsig | 8.21 |" in text and "detectron2's logged training-step time" in text
+    assert "One seed: no spread estimate" in text  # the current layout
+    assert os.path.isfile(tmp_path / "ap.png") and not os.path.exists(tmp_path / "loss.png")
+    assert json.load(open(tmp_path / "report.json")) == json.loads(json.dumps(report))
+    with pytest.raises(SystemExit):
+        cli.main(["--report-only", "--output", str(tmp_path / "none")])
 
 
 def test_tiny_demo_mask_rcnn(tmp_path, capsys):

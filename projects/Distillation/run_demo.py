@@ -3,20 +3,14 @@
 students, COCO evaluation and a report. `run_demo.py --help` lists the options and presets."""
 import os
 import sys
-import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the distillation package
 
-# Upstream deprecation notices printed by every process at import (detectron2's use of
-# torch.jit.script and of torch.meshgrid) say nothing about the run: kept off the console here
-# and, through the environment, in the worker processes of --jobs.
-QUIET_WARNINGS = [("`torch.jit.script` is deprecated", FutureWarning),
-                  ("torch.meshgrid", UserWarning)]
-for _message, _category in QUIET_WARNINGS:
-    warnings.filterwarnings("ignore", message=_message, category=_category)
-os.environ["PYTHONWARNINGS"] = ",".join(
-    filter(None, [os.environ.get("PYTHONWARNINGS", "")]
-           + [f"ignore:{m}:{c.__name__}" for m, c in QUIET_WARNINGS]))
+# first: it imports detectron2 without the upstream notices (distillation/upstream_warnings.py);
+# the worker processes of --jobs inherit the filter through PYTHONWARNINGS
+from distillation.upstream_warnings import quiet_upstream_notices  # noqa: E402
+
+quiet_upstream_notices(subprocesses=True)
 
 from distillation.demo.cli import main  # noqa: E402
 

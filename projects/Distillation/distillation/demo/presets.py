@@ -38,6 +38,25 @@ PRESETS = {
     "full": Preset(1500, 300, [160, 224], 2000, 1200, batch=2, extra=_INPUT_160x224),
 }
 
+# What each preset is for, in words (describe_preset adds the numbers).
+PRESET_PURPOSE = {
+    "tiny": "a pipeline check: every stage runs, in minutes; its numbers mean nothing",
+    "quick": "the demo, meant to finish within 30 minutes on a 2-core CPU",
+    "full": "firmer numbers: 2.5x the data, twice the schedule and the validation images of "
+            "quick",
+}
+# Presets too short to say anything about the methods: their report says so first.
+PIPELINE_CHECKS = {"tiny"}
+
+
+def describe_preset(name: str) -> str:
+    """One line: what the preset is for, its data and its schedules."""
+    p = PRESETS[name]
+    return (f"{PRESET_PURPOSE[name]} ({p.train_images} train / {p.val_images} val images of "
+            f"{p.image_size[0]}x{p.image_size[1]}; teacher {p.teacher_iters}, students "
+            f"{p.student_iters} iterations, batch {p.batch})")
+
+
 _DSIG_OFF = ["DISTILL.FG_NODE_LOSS_ON", "False", "DISTILL.BG_NODE_LOSS_ON", "False",
              "DISTILL.EDGE_LOSS_ON", "False"]
 _FEATURE = ["DISTILL.FEATURE_LOSS_ON", "True", "DISTILL.FEATURE_LOSS_WEIGHT", "0.5"]
@@ -52,6 +71,15 @@ METHODS = {
     "feature-mse": _DSIG_OFF + _FEATURE,  # full-map FPN imitation only
     "logit-kd": _DSIG_OFF + _LOGIT,  # RoI classification KL + RoI regression L1 only
     "dsig-all": _FEATURE + _LOGIT,  # DSIG plus both (the original's R18 configuration)
+}
+# What each method distils, in words (run_demo.py --help).
+METHOD_PURPOSE = {
+    "dsig": "DSIG, the paper's full graph: fg and bg nodes and edges",
+    "dsig-edges": "DSIG edges only (the paper's ablation)",
+    "dsig-edges-fg": "DSIG edges and fg nodes (the paper's ablation)",
+    "feature-mse": "full-map FPN feature imitation only (MSE, weight 0.5)",
+    "logit-kd": "RoI classification KL (weight 3.0) and RoI regression L1 (1.0) only",
+    "dsig-all": "DSIG plus feature-mse and logit-kd (the original's R18 setting)",
 }
 ABLATION = ["dsig-edges", "dsig-edges-fg"]  # the paper's order, then dsig
 

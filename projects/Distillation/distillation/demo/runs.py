@@ -3,6 +3,7 @@ executed here or in a worker process, its result (evaluation, timing, graph size
 saved in its folder and reused on a re-run."""
 import json
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -25,6 +26,17 @@ class Job:
     datasets: List[Tuple[str, str, str]]  # (name, json, image root) to register
     message: str
     verbose: bool = False
+
+    @property
+    def result_file(self) -> str:
+        """Where the run's result is saved; a run that has one is reused, not trained."""
+        return os.path.join(self.output_dir, "result.json")
+
+    def announcement(self) -> str:
+        """The stage line of this run: "(cached)" only when a saved result is reused."""
+        if os.path.isfile(self.result_file):
+            return f"{self.message} (cached: {self.result_file})"
+        return self.message
 
 
 def run_tag(preset_name: str, task: str = "bbox") -> str:
@@ -69,7 +81,7 @@ def plan_seed(output: str, preset_name: str, seed: int, methods: Sequence[str] =
         jobs = [Job("teacher", seed, teacher_config,
                     common + solver_opts(preset.teacher_iters, preset.batch), teacher_dir, False,
                     datasets, f"seed {seed}: teacher {arch}R50-FPN, {preset.teacher_iters} "
-                    "iterations (cached)", verbose)]
+                    "iterations", verbose)]
     else:  # the user's trained teacher: evaluated only
         teacher_config, teacher_weights = teacher
         jobs = [Job("teacher", seed, teacher_config,
@@ -116,7 +128,7 @@ def run_jobs(jobs: List[Job], parallel: int, say_stage) -> List[Dict]:
     if parallel <= 1 or len(jobs) <= 1:
         results = []
         for job in jobs:
-            say_stage(job.message)
+            say_stage(job.announcement())
             results.append(execute(job))
         return results
     import multiprocessing
@@ -127,7 +139,7 @@ def run_jobs(jobs: List[Job], parallel: int, say_stage) -> List[Dict]:
                              mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = []
         for job in jobs:
-            say_stage(job.message + f" [{threads} thread(s), in parallel]")
+            say_stage(job.announcement() + f" [{threads} thread(s), in parallel]")
             futures.append(pool.submit(execute, job, threads))
         return [f.result() for f in futures]
 
@@ -176,7 +188,8 @@ def _train_logged(config: str, opts: List[str], output_dir: str, distill: bool,
         SafeDetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
         metrics = StockTrainer.test(cfg, model)
         result = {**{t: metrics[t] for t in TASKS if t in metrics}, "train_seconds": 0.0,
-                  "threads": torch.get_num_threads(), "seconds_per_iter": 0.0}
+                  "threads": torch.get_num_threads(), "seconds_per_iter": float("nan"),
+                  "timed_iters": 0}
         with open(result_file, "w") as f:
             json.dump(result, f, indent=2)
         return result
@@ -188,10 +201,11 @@ def _train_logged(config: str, opts: List[str], output_dir: str, distill: bool,
     train_seconds = time.time() - start
     if not metrics:
         metrics = trainer.test(cfg, trainer.model)
+    steps = steady_step_seconds(trainer)
     result = {**{t: metrics[t] for t in TASKS if t in metrics}, "train_seconds": train_seconds,
               "threads": torch.get_num_threads(),
-              "seconds_per_iter": seconds_per_iter(output_dir)
-              or train_seconds / max(1, cfg.SOLVER.MAX_ITER)}
+              "seconds_per_iter": statistics.median(steps) if steps else float("nan"),
+              "timed_iters": len(steps)}
     graph = graph_sizes(output_dir)
     if graph:
         result["graph"] = graph
@@ -209,10 +223,19 @@ def _metrics_rows(output_dir: str) -> List[Dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def seconds_per_iter(output_dir: str) -> Optional[float]:
-    """Mean training-step time logged by detectron2 (evaluation excluded)."""
-    times = [r["time"] for r in _metrics_rows(output_dir) if "time" in r]
-    return sum(times) / len(times) if times else None
+# The first steps of a run are several times slower than the rest (oneDNN kernels and memory
+# set up per shape; 2-5x on a CPU): a run's s/iter leaves them out.
+WARMUP_STEPS = 5
+
+
+def steady_step_seconds(trainer) -> List[float]:
+    """Wall-clock seconds of each training step after the first WARMUP_STEPS of this session,
+    as detectron2's IterationTimer recorded them (forward, backward and update, the teacher's
+    forward included; evaluation, checkpoints and the other hooks excluded)."""
+    history = trainer.storage.histories().get("time")
+    if history is None:
+        return []
+    return [t for t, it in history.values() if it - trainer.start_iter >= WARMUP_STEPS]
 
 
 def graph_sizes(output_dir: str) -> Dict[str, float]:

@@ -21,6 +21,13 @@ def gap_recovered(teacher_ap: float, baseline_ap: float, dsig_ap: float) -> Opti
     return None if abs(gap) < 1e-9 else (dsig_ap - baseline_ap) / gap
 
 
+def timed_iters(runs: List[Dict]) -> Optional[int]:
+    """The fewest training steps any of these runs (one run over the seeds) timed; None when a
+    run predates the count (its s/iter was detectron2's logged step time)."""
+    counts = [run.get("timed_iters") for run in runs]
+    return None if None in counts else min(counts)
+
+
 def tasks_of(results: Dict[int, Dict[str, Dict]]) -> List[str]:
     """The evaluation tasks present in the results (bbox always; segm for Mask R-CNN)."""
     runs = [run for r in results.values() for run in r.values()]
@@ -45,7 +52,8 @@ def summarize(results: Dict[int, Dict[str, Dict]]) -> Dict:
     means = {name: {**{t: {k: mean([metric(r[name], t, k) for r in results.values()])
                            for k in METRICS} for t in tasks},
                     "seconds_per_iter": mean([r[name]["seconds_per_iter"]
-                                              for r in results.values()])}
+                                              for r in results.values()]),
+                    "timed_iters": timed_iters([r[name] for r in results.values()])}
              for name in names}
     variants = [n for n in names if n not in ("teacher", "baseline")]
 
@@ -57,6 +65,7 @@ def summarize(results: Dict[int, Dict[str, Dict]]) -> Dict:
         "per_seed": {str(seed): {
             "results": {n: {**{t: v.get(t, {}) for t in tasks},
                             "seconds_per_iter": v["seconds_per_iter"],
+                            "timed_iters": v.get("timed_iters"),
                             "threads": v.get("threads"),
                             **({"graph": v["graph"]} if v.get("graph") else {})}
                         for n, v in r.items()},
