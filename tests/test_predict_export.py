@@ -39,7 +39,8 @@ def _script(name, args, timeout=600):
 
 def _tool(name):
     """A tools/ script imported as a module (its main(argv) runs in this process)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(PROJECT, "tools", name + ".py"))
+    path = os.path.join(PROJECT, "tools", name + ".py")
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -56,7 +57,8 @@ def files(tmp_path_factory):
     for im in data["images"]:
         im["id"] = IMAGE_IDS[im["id"]]
     for ann in data["annotations"]:
-        ann["image_id"], ann["category_id"] = IMAGE_IDS[ann["image_id"]], CATEGORY_IDS[ann["category_id"]]
+        ann["image_id"] = IMAGE_IDS[ann["image_id"]]
+        ann["category_id"] = CATEGORY_IDS[ann["category_id"]]
     data["categories"] = [{"id": i, "name": n} for i, n in CATEGORY_NAMES.items()]
     with open(json_file, "w") as f:
         json.dump(data, f)

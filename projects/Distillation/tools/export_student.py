@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Export the student of a distillation checkpoint: as a stock detectron2 checkpoint, TorchScript or ONNX.
+"""Export a distillation checkpoint's student: a detectron2 checkpoint, TorchScript or ONNX.
 
   --format checkpoint (default): the student's weights with stock detectron2 names; they load with
       DetectionCheckpointer into GeneralizedRCNN / RetinaNet built from the student's config

@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Run a trained detector on an image, a folder of images or a COCO json's images: draws the detections and writes a COCO results json.
+"""Run a trained detector on images: draw its detections, write a COCO results json.
+
+Inputs: an image, a folder of images, or a COCO json's images.
 
 The detector: --config-file with --weights, either the student's config (e.g.
 configs/demo/student-R18.yaml) with the exported student file (tools/export_student.py), or the
