@@ -28,6 +28,11 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+# first: it imports detectron2 without the upstream notices (distillation/upstream_warnings.py)
+from distillation.upstream_warnings import quiet_upstream_notices  # noqa: E402
+
+quiet_upstream_notices()
+
 from distillation.checkpoint import export_student, student_state_dict  # noqa: E402
 from distillation.deploy import read_checkpoint  # noqa: E402
 from distillation.errors import ConfigError, InputError  # noqa: E402

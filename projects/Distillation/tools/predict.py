@@ -34,6 +34,11 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+# first: it imports detectron2 without the upstream notices (distillation/upstream_warnings.py)
+from distillation.upstream_warnings import quiet_upstream_notices  # noqa: E402
+
+quiet_upstream_notices()
+
 from distillation.errors import InputError  # noqa: E402
 
 
