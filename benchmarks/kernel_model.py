@@ -36,7 +36,6 @@ Writes kernel_model_<tag>.{json,md} to --out (default output/benchmarks/, git-ig
 """
 import argparse
 import importlib.util
-import json
 import math
 import os
 import re

@@ -18,7 +18,6 @@ pytest.importorskip("detectron2")
 from distill_utils import CONFIGS, PROJECT, ROOT, make_coco_dataset, tiny_opts  # noqa: E402
 
 from distillation.errors import InputError, MissingFileError  # noqa: E402
-from distillation.yaml_io import YAMLSyntaxError  # noqa: E402
 
 DATASET = "console_tiny"
 R18_R50 = os.path.join(CONFIGS, "Distillation-FasterRCNN-R18-R50-dsig-1x.yaml")

@@ -319,6 +319,21 @@ def test_export_student_refuses_files_that_are_not_distillation_checkpoints(file
     assert not os.path.exists(out)
 
 
+def test_training_weights_that_are_not_a_checkpoint(tmp_path):
+    """MODEL.WEIGHTS (or a resume file) that is no checkpoint: the trainer's checkpointer gives
+    the same one line as the tools (an InputError: train_net prints it without a traceback)."""
+    from distillation.checkpoint import DistillationCheckpointer, NotACheckpointError
+    from distillation.errors import InputError
+
+    text = tmp_path / "notes.pth"
+    text.write_text("hello")
+    with pytest.raises(NotACheckpointError) as info:
+        DistillationCheckpointer(torch.nn.Linear(2, 2)).load(str(text))
+    assert isinstance(info.value, InputError)
+    assert str(info.value) == (f"{text} is not a PyTorch checkpoint (torch.load cannot read it "
+                               "as a torch.save file)")
+
+
 def argparse_namespace():
     import argparse
 

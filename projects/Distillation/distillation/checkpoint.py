@@ -12,6 +12,7 @@ restricted unpickler (numpy arrays and plain containers only) for .pkl.
 import logging
 import os
 import pickle
+import re
 from collections import OrderedDict
 from typing import Dict, List, Tuple
 
@@ -20,7 +21,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
-from .errors import InputError
+from .errors import InputError, MissingFileError
 from .original_backbones import backbone_layout_mismatch
 from .weights import (CONVERTED_AUTHORS, register_torchvision_handler, require_weights,
                       resolve_weights)
@@ -73,6 +74,33 @@ def torch_load_safely(f):
         return torch.load(f, map_location="cpu", weights_only=True)
 
 
+class NotACheckpointError(InputError, ValueError):
+    """A weights file that torch.load (tensors only) cannot read."""
+
+
+def read_checkpoint(path: str):
+    """torch.load of a checkpoint of tensors and containers (never arbitrary code), with one line
+    naming the problem when the file is not one, instead of torch's advice to load it unsafely."""
+    if not os.path.isfile(path):
+        raise MissingFileError(f"{path}: file not found")
+    try:
+        with open(path, "rb") as f:
+            return torch_load_safely(f)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise NotACheckpointError(
+                f"{path} holds Python objects ({found.group(1)}), not only tensors: it is not "
+                "loaded because unpickling them can run code (save model.state_dict() or use "
+                "detectron2's checkpointer)") from None
+        raise NotACheckpointError(f"{path} is not a PyTorch checkpoint (torch.load cannot "
+                                  "read it as a torch.save file of tensors)") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError):
+        # torch's own messages here are parser internals ("101", "inline_container.cc")
+        raise NotACheckpointError(f"{path} is not a PyTorch checkpoint (torch.load cannot "
+                                  "read it as a torch.save file)") from None
+
+
 def load_pickle_safely(path: str):
     with PathManager.open(path, "rb") as f:
         return _TensorOnlyUnpickler(f, encoding="latin1").load()
@@ -90,8 +118,7 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                 data = data["blobs"]
             data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
             return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
-        with PathManager.open(filename, "rb") as f:
-            loaded = torch_load_safely(f)
+        loaded = read_checkpoint(filename)
         if "model" not in loaded:
             loaded = {"model": loaded}
         return loaded
@@ -335,9 +362,8 @@ def export_student(checkpoint_path: str, output_path: str) -> List[str]:
     """Write the student of a distillation checkpoint as a stock detectron2 checkpoint
     ({"model": state_dict}) loadable by DetectionCheckpointer into a GeneralizedRCNN / RetinaNet
     built from the student's config. Returns the exported keys."""
-    with PathManager.open(checkpoint_path, "rb") as f:
-        data = torch_load_safely(f)
-    weights = data.get("model", data)
+    data = read_checkpoint(checkpoint_path)
+    weights = data.get("model", data) if isinstance(data, dict) else {}
     student = student_state_dict(weights)
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     with PathManager.open(output_path, "wb") as f:

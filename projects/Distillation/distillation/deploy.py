@@ -14,8 +14,6 @@ into TorchScript (or ONNX) through detectron2's own TracingAdapter.
 import json
 import logging
 import os
-import pickle
-import re
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -24,7 +22,7 @@ import torch
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, RetinaNet, build_model
 from detectron2.structures import Instances
 
-from .errors import ConfigError, InputError, MissingFileError
+from .errors import ConfigError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -37,37 +35,8 @@ TORCHSCRIPT_ATOL = 1e-4
 ONNX_ATOL = 1e-3
 
 
-class NotACheckpointError(InputError, ValueError):
-    """A weights file that torch.load (tensors only) cannot read."""
-
-
 class ExportMismatchError(RuntimeError):
     """The traced model disagrees with the eager one (a bug, not bad input)."""
-
-
-def read_checkpoint(path: str):
-    """torch.load of a checkpoint of tensors and containers (never arbitrary code), with one line
-    naming the problem when the file is not one, instead of torch's advice to load it unsafely."""
-    from .checkpoint import torch_load_safely
-
-    if not os.path.isfile(path):
-        raise MissingFileError(f"{path}: file not found")
-    try:
-        with open(path, "rb") as f:
-            return torch_load_safely(f)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if found:
-            raise NotACheckpointError(
-                f"{path} holds Python objects ({found.group(1)}), not only tensors: it is not "
-                "loaded because unpickling them can run code (save model.state_dict() or use "
-                "detectron2's checkpointer)") from None
-        raise NotACheckpointError(f"{path} is not a PyTorch checkpoint (torch.load cannot "
-                                  "read it as a torch.save file of tensors)") from None
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError):
-        # torch's own messages here are parser internals ("101", "inline_container.cc")
-        raise NotACheckpointError(f"{path} is not a PyTorch checkpoint (torch.load cannot "
-                                  "read it as a torch.save file)") from None
 
 
 def student_architecture(cfg) -> str:
@@ -125,14 +94,9 @@ def build_detector(cfg):
 
     model = build_model(cfg)
     model.eval()
-    weights = cfg.MODEL.WEIGHTS
-    try:
-        # every weight filled or an error listing the rest (a partly random model is no detector)
-        DistillationCheckpointer(model, require_complete=True).load(weights)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError):
-        if "://" not in weights:
-            read_checkpoint(weights)  # one line when the file is not a checkpoint
-        raise
+    # every weight filled or an error listing the rest (a partly random model is no detector);
+    # a file that is no checkpoint is one line (checkpoint.read_checkpoint)
+    DistillationCheckpointer(model, require_complete=True).load(cfg.MODEL.WEIGHTS)
     return model
 
 

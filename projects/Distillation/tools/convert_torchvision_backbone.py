@@ -30,7 +30,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from distillation.deploy import read_checkpoint  # noqa: E402
+from distillation.checkpoint import read_checkpoint  # noqa: E402
 from distillation.errors import InputError  # noqa: E402
 from distillation.weights import (ARCHS, ORIGINAL_LAYOUT_ARCHS,  # noqa: E402,F401
                                   convert)  # (convert: tests/tools_convert.py)

@@ -33,8 +33,7 @@ from distillation.upstream_warnings import quiet_upstream_notices  # noqa: E402
 
 quiet_upstream_notices()
 
-from distillation.checkpoint import export_student, student_state_dict  # noqa: E402
-from distillation.deploy import read_checkpoint  # noqa: E402
+from distillation.checkpoint import NotACheckpointError, export_student  # noqa: E402
 from distillation.errors import ConfigError, InputError  # noqa: E402
 
 FORMATS = ("checkpoint", "torchscript", "onnx")
@@ -71,13 +70,13 @@ def parse_args(argv=None):
 
 
 def export_checkpoint(args) -> str:
-    data = read_checkpoint(args.checkpoint)
     try:
-        student_state_dict(data.get("model", data) if isinstance(data, dict) else {})
-    except ValueError as e:
+        keys = export_student(args.checkpoint, args.output)
+    except NotACheckpointError:
+        raise
+    except ValueError as e:  # not a distillation checkpoint
         raise InputError(f"{args.checkpoint} is {e}; an exported student is already a stock "
                          "checkpoint (--format torchscript/onnx take it as it is)") from None
-    keys = export_student(args.checkpoint, args.output)
     return f"wrote {len(keys)} student tensors to {args.output}"
 
 
