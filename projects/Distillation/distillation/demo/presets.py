@@ -32,7 +32,7 @@ PRESETS = {
                           "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64",
                           # a few iterations from scratch: keep every detection so AP is defined
                           "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]),
-    # meant to finish within 30 minutes on a 2-core CPU
+    # about 20 minutes end to end on the 2-core development CPU (README, measured)
     "quick": Preset(600, 150, [160, 224], 1000, 600, batch=2, extra=_INPUT_160x224),
     # firmer numbers: 2.5x the data, twice the schedule and the validation images of quick
     "full": Preset(1500, 300, [160, 224], 2000, 1200, batch=2, extra=_INPUT_160x224),
@@ -41,7 +41,7 @@ PRESETS = {
 # What each preset is for, in words (describe_preset adds the numbers).
 PRESET_PURPOSE = {
     "tiny": "a pipeline check: every stage runs, in minutes; its numbers mean nothing",
-    "quick": "the demo, meant to finish within 30 minutes on a 2-core CPU",
+    "quick": "the demo: about 20 minutes on 2 CPU cores (measured end to end)",
     "full": "firmer numbers: 2.5x the data, twice the schedule and the validation images of "
             "quick",
 }
