@@ -4,8 +4,11 @@ job do), against the torch/torchvision code they replace.
 
 A parallel region opened for tiny work waits for a descheduled thread: on a loaded machine that
 turns a sub-millisecond call into tens of milliseconds. Each op is timed forward and backward on
-tiny inputs (3 RoIs on one 4x16x16 level; 2 graphs of 5 nodes with 16 features), interleaved
-with its baseline, while --load busy processes spin; median and 90th percentile per call.
+tiny inputs (3 RoIs on one 4x16x16 level; 2 graphs of 5 nodes with 16 features), also forward
+and backward in one call as training makes them (the public op, its autograd, the backward),
+interleaved with its baseline, while --load busy processes spin (--load-kind python: pure-Python
+workers, as data-loader workers are; torch: a second 2-thread torch job); median and 90th
+percentile per call.
 
 Usage: python benchmarks/bench_small_under_load.py [--threads 2] [--load 2] [--calls 300]
 Writes bench_small_under_load_<tag>.{json,md} to --out (default output/benchmarks/;
@@ -71,6 +74,10 @@ def cases():
         "multilevel_roi_align backward": (
             lambda: torch.autograd.grad(out, feat, grad, retain_graph=True),
             lambda: torch.autograd.grad(ref_out, feat, grad, retain_graph=True)),
+        "multilevel_roi_align forward + backward": (
+            lambda: torch.autograd.grad(
+                dsig_ext.multilevel_roi_align([feat], rois, levels, [0.25], 7), feat, grad),
+            lambda: torch.autograd.grad(roi_align(feat, rois, 7, 0.25, 0, True), feat, grad)),
         "multilevel_roi_align backward (deterministic)": (
             lambda: ops._multilevel_roi_align_backward(grad, rois, levels, [0.25], 1, 4, [16],
                                                        [16], 0, True, True),
@@ -81,6 +88,9 @@ def cases():
         "edge_mse_loss forward": (
             lambda: dsig_ext.edge_mse_loss(xs.detach(), xt, offsets),
             lambda: dsig_ext.reference.edge_mse_loss(xs.detach(), xt, offsets)),
+        "edge_mse_loss forward + backward": (
+            lambda: torch.autograd.grad(dsig_ext.edge_mse_loss(xs, xt, offsets), xs),
+            lambda: torch.autograd.grad(dsig_ext.reference.edge_mse_loss(xs, xt, offsets), xs)),
         "edge_mse_loss backward": (
             lambda: torch.autograd.grad(loss, xs, retain_graph=True),
             lambda: torch.autograd.grad(ref_loss, xs, retain_graph=True)),
