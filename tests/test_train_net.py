@@ -128,6 +128,21 @@ def test_eval_loads_require_every_student_weight(data, tmp_path):
     DistillationCheckpointer(build_model(plain_cfg)).load(wrong)
 
 
+def test_bad_input_found_in_worker_processes_is_one_message(data, tmp_path):
+    """Two processes (gloo on the CPU): a weights file that is no checkpoint, found only when the
+    workers load it, ends the run with its one-line message and exit status 2, as in one
+    process; no multiprocessing traceback."""
+    notes = tmp_path / "notes.pth"
+    notes.write_text("not a checkpoint")
+    rc, log = _train_net(data, os.path.join(DEMO, "student-R18.yaml"), str(tmp_path / "out"),
+                         ["MODEL.WEIGHTS", str(notes), "SOLVER.IMS_PER_BATCH", "2"],
+                         flags=["--num-gpus", "2"])
+    assert rc == 2, log[-3000:]
+    assert re.search(r"train_net\.py \(process [01]\): NotACheckpointError: "
+                     + re.escape(f"{notes} is not a PyTorch checkpoint"), log), log[-3000:]
+    assert "Traceback" not in log and "ProcessExitedException" not in log, log[-3000:]
+
+
 def test_visualize_graph_refuses_a_plain_config(data):
     json_file, image_root = data
     rc, log = _run(os.path.join("tools", "visualize_graph.py"), [
