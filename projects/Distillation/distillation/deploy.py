@@ -39,6 +39,16 @@ class ExportMismatchError(RuntimeError):
     """The traced model disagrees with the eager one (a bug, not bad input)."""
 
 
+def parse_args_with_overrides(parser, argv=None):
+    """`parser`'s options, plus config overrides as `args.opts`: the KEY VALUE pairs it does not
+    know, after the positional arguments or anywhere; an unknown --flag is still an error."""
+    args, args.opts = parser.parse_known_args(argv)
+    flags = [o for o in args.opts if o.startswith("--")]
+    if flags:
+        parser.error(f"unrecognized arguments: {' '.join(flags)}")
+    return args
+
+
 def student_architecture(cfg) -> str:
     """The stock META_ARCHITECTURE of a config's detector: the student's for a distillation
     config, the config's own otherwise."""

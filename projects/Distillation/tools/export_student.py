@@ -61,12 +61,9 @@ def parser():
 
 def parse_args(argv=None):
     """The options, and the config overrides (KEY VALUE pairs, after the files or anywhere)."""
-    p = parser()
-    args, args.opts = p.parse_known_args(argv)
-    flags = [o for o in args.opts if o.startswith("--")]
-    if flags:
-        p.error(f"unrecognized arguments: {' '.join(flags)}")
-    return args
+    from distillation.deploy import parse_args_with_overrides
+
+    return parse_args_with_overrides(parser(), argv)
 
 
 def export_checkpoint(args) -> str:

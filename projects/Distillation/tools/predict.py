@@ -70,13 +70,10 @@ def parser():
 
 
 def parse_args(argv=None):
-    """The options, and the config overrides (KEY VALUE pairs after the input, or anywhere)."""
-    p = parser()
-    args, args.opts = p.parse_known_args(argv)
-    flags = [o for o in args.opts if o.startswith("--")]
-    if flags:
-        p.error(f"unrecognized arguments: {' '.join(flags)}")
-    return args
+    """The options, and the config overrides (KEY VALUE pairs, after the input, or anywhere)."""
+    from distillation.deploy import parse_args_with_overrides
+
+    return parse_args_with_overrides(parser(), argv)
 
 
 def run(args) -> None:
