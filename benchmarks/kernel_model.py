@@ -1205,59 +1205,75 @@ def atomic_backward(kernel, wl, elem_bytes):
 
 
 GEMM_TILE, GEMM_STEP = 64, 16
+GEMM_THREADS = 64                        # GemmShape<float>: 8 x 8 outputs per thread
+GEMM_WARPS = GEMM_THREADS // 32
 
 
-def gram_splits(N, D, G, elem_size, sms=H100["sms"]):
+def live_gram_tiles(ew):
+    """edge_loss_kernel.cu's live_gram_tiles() from host offsets: tiles ti <= tj holding a
+    same-graph pair."""
+    tiles = math.ceil(ew.N / GEMM_TILE)
+    return sum(1 for ti in range(tiles) for tj in range(ti, tiles)
+               if tj * GEMM_TILE < ew.graph_end(min((ti + 1) * GEMM_TILE, ew.N) - 1))
+
+
+def gram_splits(N, D, live, sides, elem_size, sms=H100["sms"]):
     """edge_loss_kernel.cu's gram_splits() on 132 SMs."""
-    mean = N // max(G, 1)
-    t = (mean + GEMM_TILE - 1) // GEMM_TILE + 1
-    tiles_all = (N + GEMM_TILE - 1) // GEMM_TILE
-    live = max(1, min(max(G, 1) * t * (t + 1) // 2, tiles_all * (tiles_all + 1) // 2))
-    s = (2 * sms + live - 1) // live
+    blocks = live * sides
+    s = (2 * sms + blocks - 1) // blocks
     s = min(s, max(1, D // 512))
-    budget = (256 << 20) // max(1, N * N * elem_size)
+    budget = (256 << 20) // max(1, sides * N * N * elem_size)
     return max(1, min(s, budget, 32))
+
+
+def gram_chunks(ew, sides=2):
+    """(k_chunk, used splits) of the edge loss's Gram launch (k_chunks() in the .cu)."""
+    D = ew.dim
+    splits = gram_splits(ew.N, D, live_gram_tiles(ew), sides, 4)
+    k_chunk = max(GEMM_STEP, math.ceil(math.ceil(D / splits) / GEMM_STEP) * GEMM_STEP)
+    return k_chunk, math.ceil(D / k_chunk)
 
 
 def _gemm_loop(kernel):
     loop = hottest(kernel.loops, ["FFMA", "HMMA"])
-    per_step = GEMM_TILE * GEMM_TILE * GEMM_STEP // 256  # FMAs per thread per 16-wide k-step
+    per_step = GEMM_TILE * GEMM_TILE * GEMM_STEP // GEMM_THREADS  # FMAs/thread per 16-wide step
     if marker_count(loop.counts, ["HMMA"]):
         raise NoModel("tensor-core GEMM: no formula yet")
     return loop, unit_cost(loop, ["FFMA"], per_step)
 
 
-def block_gram(kernel, ew, elem_bytes):
-    """Block-diagonal Gram X X^T: 64x64 tiles (tj >= ti) that hold a same-graph pair, split-K as
-    gram_splits() picks; per 16-wide k-step each thread does 256 FFMA (the unit of the k loop).
-    Blocks that exit at once cost 16 warp-instructions per warp. Loads: 2 L1 wavefronts per LDG
-    (half-warps read 16 consecutive k of two rows); L2 traffic: both 64-row tiles per k-step;
-    DRAM: X read once, the partial tiles written (mirrored) once."""
+def block_gram(kernel, ew, elem_bytes, sides=2):
+    """Block-diagonal Grams X X^T of both sides (student, teacher) in one launch: 64x64 tiles
+    (tj >= ti) that hold a same-graph pair, split-K as gram_splits() picks; 64 threads, per 16-wide
+    k-step each does 1024 FFMA (the unit of the k loop). Blocks that exit at once cost 16
+    warp-instructions per warp. Loads: 2 L1 wavefronts per LDG (half-warps read 16 consecutive k
+    of two rows); L2 traffic: both 64-row tiles per k-step; DRAM: X read once, the partial tiles
+    written (mirrored) once."""
     loop, u = _gemm_loop(kernel)
     outside = function_outside(kernel, loop)
     N, D = ew.N, ew.dim
     tiles = math.ceil(N / GEMM_TILE)
-    splits = gram_splits(N, D, ew.graphs, 4)
-    k_chunk = max(GEMM_STEP, math.ceil(math.ceil(D / splits) / GEMM_STEP) * GEMM_STEP)
-    used = math.ceil(D / k_chunk)
-    live = sum(1 for ti in range(tiles) for tj in range(ti, tiles)
-               if tj * GEMM_TILE < ew.graph_end(min((ti + 1) * GEMM_TILE, N) - 1))
+    k_chunk, used = gram_chunks(ew, sides)
+    live = live_gram_tiles(ew)
     steps = sum(math.ceil((min(k0 + k_chunk, D) - k0) / GEMM_STEP) for k0 in range(0, D, k_chunk))
-    cost = Cost(kernel.name, kernel, kernel_occupancy(kernel, 256))
-    cost.blocks = live * used
-    cost.instr = add(scaled(u, live * steps * 8), scaled(outside, live * used * 8),
-                     Counter({"total": (tiles * tiles * used - live * used) * 8 * 16}))
+    cost = Cost(kernel.name, kernel, kernel_occupancy(kernel, GEMM_THREADS))
+    cost.blocks = live * used * sides
+    w = GEMM_WARPS
+    cost.instr = add(scaled(u, live * steps * w * sides),
+                     scaled(outside, live * used * w * sides),
+                     Counter({"total": (tiles * tiles - live) * used * sides * w * 16}))
     cost.l1_wavefronts = 2 * cost.instr.get("op:LDG", 0)
-    cost.l2_bytes = live * steps * 2 * GEMM_TILE * GEMM_STEP * elem_bytes
-    cost.dram_bytes = N * D * elem_bytes + live * used * 2 * GEMM_TILE ** 2 * 4
+    cost.l2_bytes = live * steps * sides * 2 * GEMM_TILE * GEMM_STEP * elem_bytes
+    cost.dram_bytes = sides * (N * D * elem_bytes + live * used * 2 * GEMM_TILE ** 2 * 4)
     cost.hot_loops = [loop_summary("per 16-wide k-step", loop, u)]
-    cost.notes.append(f"{live} live tiles of {tiles * (tiles + 1) // 2}, {used} K-splits")
+    cost.notes.append(f"{sides} sides x {live} live tiles of {tiles * (tiles + 1) // 2}, "
+                      f"{used} K-splits")
     return cost
 
 
 def factor_matmul(kernel, ew, elem_bytes):
     """dX = M X on the diagonal blocks: one block per (64 rows, 64 feature columns), the rows'
-    graph columns in 16-wide steps (256 FFMA per thread per step). 2 L1 wavefronts per LDG;
+    graph columns in 16-wide steps (64 threads, 1024 FFMA per thread per step). 2 L1 wavefronts per LDG;
     L2: the M (fp32) and X tiles per step; DRAM: X read, dX written, M's blocks read once."""
     loop, u = _gemm_loop(kernel)
     outside = function_outside(kernel, loop)
@@ -1268,9 +1284,10 @@ def factor_matmul(kernel, ew, elem_bytes):
         r_last = min(r0 + GEMM_TILE, N) - 1
         steps += math.ceil((ew.graph_end(r_last) - ew.graph_start(r0)) / GEMM_STEP)
     blocks = col_blocks * math.ceil(N / GEMM_TILE)
-    cost = Cost(kernel.name, kernel, kernel_occupancy(kernel, 256))
+    cost = Cost(kernel.name, kernel, kernel_occupancy(kernel, GEMM_THREADS))
     cost.blocks = blocks
-    cost.instr = add(scaled(u, steps * col_blocks * 8), scaled(outside, blocks * 8))
+    cost.instr = add(scaled(u, steps * col_blocks * GEMM_WARPS),
+                     scaled(outside, blocks * GEMM_WARPS))
     cost.l1_wavefronts = 2 * cost.instr.get("op:LDG", 0)
     cost.l2_bytes = steps * col_blocks * GEMM_STEP * GEMM_TILE * (4 + elem_bytes)
     cost.dram_bytes = 2 * N * D * elem_bytes + ew.graphs * ew.nodes ** 2 * 4
@@ -1307,8 +1324,10 @@ FAMILIES = [
      "acc"),
     (r"^norms_kernel$", elementwise(lambda ew: ew.N * 37, "diagonal read, norms written"), "acc"),
     (r"^normalize_kernel$", elementwise(_blocks_bytes(8), "G read and written"), "acc"),
-    (r"^loss_and_grads_kernel$", elementwise(_blocks_bytes(12), "E_s, E_t read, S_s written"),
-     "acc"),
+    (r"^edge_loss_rows_kernel$", elementwise(
+        lambda ew: ew.graphs * ew.nodes ** 2 * (8 * gram_chunks(ew)[1] + 8) + ew.N ** 2 * 4,
+        "both sides' Gram partials read, S written and reread, M's whole rows written"), "acc"),
+    (r"^sum_rows_kernel$", elementwise(lambda ew: ew.N * 4, "row losses read"), "acc"),
     (r"^factor_kernel$", elementwise(_blocks_bytes(16), "S, E read, S read and written"), "acc"),
     (r"^symmetrize_kernel$", elementwise(_blocks_bytes(12), "G, G^T read, S written"), "acc"),
     (r"^ranges_from_(host|device)_offsets_kernel$", elementwise(lambda ew: ew.N * 16,
@@ -1394,25 +1413,13 @@ def op_roi_backward_owner(kernels, wl, dtype, eb):
 
 def op_edge_loss(kernels, ew, dtype, eb):
     """_edge_mse_loss_forward (student needs grad, teacher not) + _edge_factor_matmul, as
-    edge_loss.cpp drives them: layout, per side a zeroed [N, N] Gram, the Gram (+ split sum),
-    norms and normalize; the loss with S_s zeroed first, the factor; then layout and M X."""
+    edge_loss_kernel.cu drives them: layout, both Grams in one launch, the row kernel (every
+    epilogue), the row losses summed; then layout and M X."""
     parts, missing = [], []
-    nn4 = ew.N * ew.N * 4
     _model_part(kernels, r"^ranges_from_host_offsets_kernel$", None, ew, eb, parts, missing)
-    for _ in range(2):  # student, teacher
-        parts.append(torch_pass("zeros [N, N] for the Gram", nn4))
-        _model_part(kernels, r"^block_gram_kernel$", dtype, ew, eb, parts, missing)
-        if gram_splits(ew.N, ew.dim, ew.graphs, 4) > 1:
-            _model_part(kernels, r"^sum_splits_kernel$", "float32", ew, eb, parts, missing)
-    for _ in range(2):
-        _model_part(kernels, r"^norms_kernel$", "float32", ew, eb, parts, missing)
-        _model_part(kernels, r"^normalize_kernel$", "float32", ew, eb, parts, missing)
-    parts.append(torch_pass("zeros [N] + S_s.zero_()", nn4 + ew.N * 4, launches=2))
-    _model_part(kernels, r"^loss_and_grads_kernel$", "float32", ew, eb, parts, missing)
-    parts.append(torch_pass("row losses summed", ew.N * 4))
-    _model_part(kernels, r"^factor_kernel$", "float32", ew, eb, parts, missing)
-    if dtype != "float32":
-        parts.append(torch_pass("loss to the features' dtype", 8))
+    _model_part(kernels, r"^block_gram_kernel$", dtype, ew, eb, parts, missing)
+    _model_part(kernels, r"^edge_loss_rows_kernel$", "float32", ew, eb, parts, missing)
+    _model_part(kernels, r"^sum_rows_kernel$", "float32", ew, eb, parts, missing)
     _model_part(kernels, r"^ranges_from_host_offsets_kernel$", None, ew, eb, parts, missing)
     _model_part(kernels, r"^block_factor_matmul_kernel$", dtype, ew, eb, parts, missing)
     return parts, missing

@@ -465,6 +465,15 @@ def edge_check(counts, D, s_dtype, t_dtype=None, zero_dead_rows=False, device_of
         if not half:
             assert a.dtype == b.dtype, f"{name}: {a.dtype} != {b.dtype} ({what})"
         assert_close(a.to(b.dtype), b, tol_dtype, f"edge_mse_loss {name} " + what)
+    # the training call (frozen teacher) and the loss alone: only the asked factors are built
+    for flags in ((True, False), (False, False)):
+        want_f = OPS._edge_mse_loss_forward(ref(s), ref(t), offsets, eps, zero_dead_rows, *flags)
+        got = on_schedules(lambda: OPS._edge_mse_loss_forward(ss, st, so, eps, zero_dead_rows,
+                                                              *flags))
+        assert_bitwise_same(got, f"edge_mse_loss {flags} " + what)
+        for name, a, b in zip(("loss", "student factor", "teacher factor"), got[0], want_f):
+            assert a.shape == b.shape, f"{name} {flags}: {a.shape} != {b.shape} ({what})"
+            assert_close(a.to(b.dtype), b, tol_dtype, f"edge_mse_loss {name} {flags} " + what)
     factor_s = want[1]  # the same factor on both sides: this checks the product alone
     sfac = factor_s.to(SIM)
     grad = torch.tensor(0.75, dtype=torch.float64)

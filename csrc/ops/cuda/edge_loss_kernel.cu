@@ -8,7 +8,8 @@
 //               read in their own dtype; split-K partials summed in a fixed order. No cuBLAS:
 //               results do not depend on allow_tf32, and are bitwise reproducible;
 //   epilogues   one block per row i, its threads over the columns of i's graph; row reductions
-//               use a fixed-shape tree.
+//               use a fixed-shape tree. edge_mse_loss fuses its epilogues into one row kernel
+//               and its two Grams into one launch (four launches in all, "the edge loss, fused").
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -17,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
 
 #include "../edge_loss.h"
 #include "../edge_loss_common.h"
@@ -119,38 +121,67 @@ GraphLayout layout_cuda(const at::Tensor& offsets, int64_t num_rows, const at::D
 }
 
 // --- block-diagonal products --------------------------------------------------------------------
-// 64 x 64 output tiles, 256 threads, each thread 4 x 4 outputs at rows ty + 16 a and columns
-// tx + 16 b (conflict-free shared-memory reads), K in steps of 16.
+// 64 x 64 output tiles, K in steps of 16 staged in shared memory. Each thread accumulates a
+// kMicro x kMicro sub-tile: 8 x 8 for float (64 threads: 64 FMAs per 4 four-wide shared loads),
+// 4 x 4 for double (256 threads; 8 x 8 doubles would exhaust the registers). A thread's rows are
+// ty * 4 + a + h * kSpan (a < 4, h < kMicro / 4, kSpan = 4 * kTile / kMicro) and its columns
+// likewise from tx: four consecutive values per shared load, and a warp's loads of one k row
+// fall on distinct banks or broadcast.
 
 constexpr int kTile = 64;
 constexpr int kStepK = 16;
-constexpr int kGemmThreads = 256;
+constexpr int kTilePad = 4;         // row stride 68: 16-byte aligned, staging stores 2-way at most
+constexpr int kGemmMaxThreads = 256;
+constexpr int kGemmMinBlocks = 2;  // <= 128 registers: 8 blocks of 64 threads per SM for float
 
-// acc[a][b] += sum_k lhs[k][ty + 16 a] * rhs[k][tx + 16 b] over one K step of shared tiles.
 template <typename acc_t>
-__device__ __forceinline__ void tile_fma(const acc_t (*lhs)[kTile + 1],
-                                         const acc_t (*rhs)[kTile + 1], int tx, int ty,
-                                         acc_t (&acc)[4][4]) {
+struct GemmShape {
+  static constexpr int kMicro = sizeof(acc_t) > 4 ? 4 : 8;
+  static constexpr int kSide = kTile / kMicro;  // threads along each tile edge
+  static constexpr int kThreads = kSide * kSide;
+  static constexpr int kSpan = 4 * kSide;       // distance between a thread's 4-wide groups
+};
+
+template <typename acc_t>
+using StagedTile = acc_t[kStepK][kTile + kTilePad];
+
+// Offset in the tile of a thread's i-th row (or column), i < kMicro, from its ty (or tx).
+template <typename acc_t>
+__device__ __forceinline__ int micro_offset(int t, int i) {
+  return (i / 4) * GemmShape<acc_t>::kSpan + 4 * t + i % 4;
+}
+
+// acc[a][b] += sum_k lhs[k][row a] * rhs[k][column b] over one K step of staged tiles.
+template <typename acc_t>
+__device__ __forceinline__ void tile_fma(const StagedTile<acc_t>& lhs, const StagedTile<acc_t>& rhs,
+                                         int tx, int ty,
+                                         acc_t (&acc)[GemmShape<acc_t>::kMicro]
+                                                     [GemmShape<acc_t>::kMicro]) {
+  constexpr int kMicro = GemmShape<acc_t>::kMicro;
 #pragma unroll
   for (int k = 0; k < kStepK; ++k) {
-    acc_t av[4], bv[4];
+    acc_t av[kMicro], bv[kMicro];
 #pragma unroll
-    for (int a = 0; a < 4; ++a) av[a] = lhs[k][ty + 16 * a];
+    for (int a = 0; a < kMicro; ++a) av[a] = lhs[k][micro_offset<acc_t>(ty, a)];
 #pragma unroll
-    for (int b = 0; b < 4; ++b) bv[b] = rhs[k][tx + 16 * b];
+    for (int b = 0; b < kMicro; ++b) bv[b] = rhs[k][micro_offset<acc_t>(tx, b)];
 #pragma unroll
-    for (int a = 0; a < 4; ++a)
+    for (int a = 0; a < kMicro; ++a)
 #pragma unroll
-      for (int b = 0; b < 4; ++b) acc[a][b] += av[a] * bv[b];
+      for (int b = 0; b < kMicro; ++b) acc[a][b] += av[a] * bv[b];
   }
 }
 
-// Gram tile (ti, tj), tj >= ti, over K range [k_begin, k_end) of split blockIdx.z; entries whose
-// row and column lie in different graphs are written as 0, and the tile is mirrored.
+// Gram tile (ti, tj), tj >= ti, of side blockIdx.z / splits (x0 or x1: the student's and the
+// teacher's Grams share one launch) over the K range of split blockIdx.z % splits; entries whose
+// row and column lie in different graphs are written as 0, and the tile is mirrored. Output
+// [sides, splits, N, N]; tiles without a same-graph pair are not written.
 template <typename T, typename acc_t>
-__global__ void __launch_bounds__(kGemmThreads)
-block_gram_kernel(const T* __restrict__ x, int64_t N, int64_t D, int64_t k_chunk,
-                  const int64_t* __restrict__ ranges, acc_t* __restrict__ out) {
+__global__ void __launch_bounds__(kGemmMaxThreads, kGemmMinBlocks)
+block_gram_kernel(const T* __restrict__ x0, const T* __restrict__ x1, int64_t N, int64_t D,
+                  int64_t splits, int64_t k_chunk, const int64_t* __restrict__ ranges,
+                  acc_t* __restrict__ out) {
+  using Shape = GemmShape<acc_t>;
   const int64_t ti = blockIdx.y, tj = blockIdx.x;
   if (tj < ti) return;
   const int64_t r0 = ti * kTile, c0 = tj * kTile;
@@ -158,35 +189,40 @@ block_gram_kernel(const T* __restrict__ x, int64_t N, int64_t D, int64_t k_chunk
   // graphs are contiguous row ranges: a same-graph pair exists iff c0 precedes the end of the
   // last row's graph
   if (c0 >= ranges[2 * r_last + 1]) return;
-  const int64_t k_begin = blockIdx.z * k_chunk;
+  const T* __restrict__ x = blockIdx.z < splits ? x0 : x1;
+  const int64_t k_begin = (blockIdx.z % splits) * k_chunk;
   const int64_t k_end = min(k_begin + k_chunk, D);
-  __shared__ acc_t as[kStepK][kTile + 1];
-  __shared__ acc_t bs[kStepK][kTile + 1];
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  acc_t acc[4][4] = {};
+  __shared__ __align__(16) StagedTile<acc_t> as;
+  __shared__ __align__(16) StagedTile<acc_t> bs;
+  const int tx = threadIdx.x % Shape::kSide, ty = threadIdx.x / Shape::kSide;
+  acc_t acc[Shape::kMicro][Shape::kMicro] = {};
+  // staging: thread t copies kPerThread consecutive k of row t % kTile of both tiles (one row
+  // pointer, constant offsets; shared stores along m: conflict free)
+  constexpr int kPerThread = kTile * kStepK / Shape::kThreads;
+  const int m = threadIdx.x % kTile, kq = (threadIdx.x / kTile) * kPerThread;
+  const bool a_row = r0 + m < N, b_row = c0 + m < N;
+  const T* __restrict__ a_src = x + (r0 + m) * D + kq;
+  const T* __restrict__ b_src = x + (c0 + m) * D + kq;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kStepK) {
+    const int k_left = static_cast<int>(min(k_end - k0, int64_t(kStepK))) - kq;  // valid: i < it
 #pragma unroll
-    for (int e = 0; e < kTile * kStepK / kGemmThreads; ++e) {
-      const int idx = threadIdx.x + e * kGemmThreads;
-      const int m = idx / kStepK, k = idx % kStepK;
-      const int64_t kk = k0 + k;
-      const bool k_ok = kk < k_end;
-      as[k][m] = (k_ok && r0 + m < N) ? static_cast<acc_t>(x[(r0 + m) * D + kk]) : acc_t(0);
-      bs[k][m] = (k_ok && c0 + m < N) ? static_cast<acc_t>(x[(c0 + m) * D + kk]) : acc_t(0);
+    for (int i = 0; i < kPerThread; ++i) {
+      as[kq + i][m] = (a_row && i < k_left) ? static_cast<acc_t>(a_src[k0 + i]) : acc_t(0);
+      bs[kq + i][m] = (b_row && i < k_left) ? static_cast<acc_t>(b_src[k0 + i]) : acc_t(0);
     }
     __syncthreads();
-    tile_fma(as, bs, tx, ty, acc);
+    tile_fma<acc_t>(as, bs, tx, ty, acc);
     __syncthreads();
   }
   acc_t* o = out + blockIdx.z * N * N;
 #pragma unroll
-  for (int a = 0; a < 4; ++a) {
-    const int64_t row = r0 + ty + 16 * a;
+  for (int a = 0; a < Shape::kMicro; ++a) {
+    const int64_t row = r0 + micro_offset<acc_t>(ty, a);
     if (row >= N) continue;
     const int64_t start = ranges[2 * row], end = ranges[2 * row + 1];
 #pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      const int64_t col = c0 + tx + 16 * b;
+    for (int b = 0; b < Shape::kMicro; ++b) {
+      const int64_t col = c0 + micro_offset<acc_t>(tx, b);
       if (col >= N) continue;
       const acc_t v = (col >= start && col < end) ? acc[a][b] : acc_t(0);
       o[row * N + col] = v;
@@ -207,60 +243,115 @@ __global__ void sum_splits_kernel(const acc_t* __restrict__ partial, int64_t spl
   }
 }
 
+// A 0-dim tensor of any floating dtype (the upstream gradient), read where it is used: a cast
+// to the accumulation dtype first would cost a launch.
+struct DeviceScalar {
+  const void* ptr = nullptr;  // nullptr reads as 1
+  at::ScalarType dtype = at::kFloat;
+};
+
+DeviceScalar device_scalar(const at::Tensor& t) {
+  if (!t.defined()) return {};
+  TORCH_INTERNAL_ASSERT(t.numel() == 1 && at::isFloatingType(t.scalar_type()));
+  return {t.data_ptr(), t.scalar_type()};
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t load_scalar(const DeviceScalar& s) {
+  if (!s.ptr) return acc_t(1);
+  switch (s.dtype) {
+    case at::kDouble: return static_cast<acc_t>(*static_cast<const double*>(s.ptr));
+    case at::kHalf: return static_cast<acc_t>(*static_cast<const at::Half*>(s.ptr));
+    case at::kBFloat16: return static_cast<acc_t>(*static_cast<const at::BFloat16*>(s.ptr));
+    default: return static_cast<acc_t>(*static_cast<const float*>(s.ptr));
+  }
+}
+
 // dX tile (rows r0.., feature columns d0..) = scale * M[rows, J] X[J, cols], J the columns of the
 // rows' graphs (M is zero outside its diagonal blocks).
 template <typename T, typename acc_t>
-__global__ void __launch_bounds__(kGemmThreads)
+__global__ void __launch_bounds__(kGemmMaxThreads, kGemmMinBlocks)
 block_factor_matmul_kernel(const acc_t* __restrict__ m, const T* __restrict__ x, int64_t N,
                            int64_t D, const int64_t* __restrict__ ranges,
-                           const acc_t* __restrict__ scale, T* __restrict__ dx) {
+                           DeviceScalar scale, T* __restrict__ dx) {
+  using Shape = GemmShape<acc_t>;
   const int64_t r0 = int64_t(blockIdx.y) * kTile, d0 = int64_t(blockIdx.x) * kTile;
   const int64_t r_last = min(r0 + kTile, N) - 1;
   const int64_t j_begin = ranges[2 * r0], j_end = ranges[2 * r_last + 1];
-  __shared__ acc_t ms[kStepK][kTile + 1];  // ms[k][r] = M[r0 + r, j0 + k]
-  __shared__ acc_t xs[kStepK][kTile + 1];  // xs[k][d] = X[j0 + k, d0 + d]
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  acc_t acc[4][4] = {};
+  __shared__ __align__(16) StagedTile<acc_t> ms;  // ms[k][r] = M[r0 + r, j0 + k]
+  __shared__ __align__(16) StagedTile<acc_t> xs;  // xs[k][d] = X[j0 + k, d0 + d]
+  const int tx = threadIdx.x % Shape::kSide, ty = threadIdx.x / Shape::kSide;
+  acc_t acc[Shape::kMicro][Shape::kMicro] = {};
+  // staging: thread t copies kPerThread consecutive columns of M's row r0 + t % kTile, and
+  // kPerThread rows of X's column d0 + t % kTile (shared stores conflict free)
+  constexpr int kPerThread = kTile * kStepK / Shape::kThreads;
+  const int lane = threadIdx.x % kTile, kq = (threadIdx.x / kTile) * kPerThread;
+  const bool m_row = r0 + lane < N, x_col = d0 + lane < D;
+  const acc_t* __restrict__ m_src = m + (r0 + lane) * N + kq;
   for (int64_t j0 = j_begin; j0 < j_end; j0 += kStepK) {
+    const int k_left = static_cast<int>(min(j_end - j0, int64_t(kStepK))) - kq;  // valid: i < it
+    const T* __restrict__ x_src = x + (j0 + kq) * D + d0 + lane;
 #pragma unroll
-    for (int e = 0; e < kTile * kStepK / kGemmThreads; ++e) {
-      const int idx = threadIdx.x + e * kGemmThreads;
-      const int r = idx / kStepK, k = idx % kStepK;  // along M's rows
-      const int kx = idx / kTile, d = idx % kTile;   // along X's columns
-      ms[k][r] = (r0 + r < N && j0 + k < j_end) ? m[(r0 + r) * N + j0 + k] : acc_t(0);
-      xs[kx][d] = (j0 + kx < j_end && d0 + d < D) ? static_cast<acc_t>(x[(j0 + kx) * D + d0 + d])
-                                                  : acc_t(0);
+    for (int i = 0; i < kPerThread; ++i) {
+      ms[kq + i][lane] = (m_row && i < k_left) ? m_src[j0 + i] : acc_t(0);
+      xs[kq + i][lane] = (x_col && i < k_left) ? static_cast<acc_t>(*x_src) : acc_t(0);
+      x_src += D;
     }
     __syncthreads();
-    tile_fma(ms, xs, tx, ty, acc);
+    tile_fma<acc_t>(ms, xs, tx, ty, acc);
     __syncthreads();
   }
-  const acc_t s = scale ? scale[0] : acc_t(1);
+  const acc_t s = load_scalar<acc_t>(scale);
 #pragma unroll
-  for (int a = 0; a < 4; ++a) {
-    const int64_t row = r0 + ty + 16 * a;
+  for (int a = 0; a < Shape::kMicro; ++a) {
+    const int64_t row = r0 + micro_offset<acc_t>(ty, a);
     if (row >= N) continue;
 #pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      const int64_t col = d0 + tx + 16 * b;
+    for (int b = 0; b < Shape::kMicro; ++b) {
+      const int64_t col = d0 + micro_offset<acc_t>(tx, b);
       if (col < D) dx[row * D + col] = static_cast<T>(s * acc[a][b]);
     }
   }
 }
 
-// Splits of the Gram's K dimension: enough blocks for the SMs, each split >= 512 columns, the
-// partial buffers <= 256 MB. The number of live tiles is estimated from N and G (host shapes).
-int64_t gram_splits(int64_t N, int64_t D, int64_t G, size_t elem_size) {
-  const int64_t mean = N / std::max<int64_t>(G, 1);
-  const int64_t t = (mean + kTile - 1) / kTile + 1;
+// Gram tiles (ti <= tj) that hold a same-graph pair: counted from host offsets, estimated from
+// N and G where the offsets live on the device.
+int64_t live_gram_tiles(const GraphLayout& layout, int64_t N, int64_t G) {
   const int64_t tiles_all = (N + kTile - 1) / kTile;
-  const int64_t live = std::max<int64_t>(
-      1, std::min(std::max<int64_t>(G, 1) * t * (t + 1) / 2, tiles_all * (tiles_all + 1) / 2));
+  if (layout.offsets.empty()) {
+    const int64_t mean = N / std::max<int64_t>(G, 1);
+    const int64_t t = (mean + kTile - 1) / kTile + 1;
+    return std::max<int64_t>(
+        1, std::min(std::max<int64_t>(G, 1) * t * (t + 1) / 2, tiles_all * (tiles_all + 1) / 2));
+  }
+  int64_t live = 0;
+  for (int64_t ti = 0; ti < tiles_all; ++ti) {
+    const int64_t r_last = std::min((ti + 1) * kTile, N) - 1;
+    // end of r_last's graph: the first offset past it
+    const int64_t end =
+        *std::upper_bound(layout.offsets.begin(), layout.offsets.end(), r_last);
+    live += (end + kTile - 1) / kTile - ti;
+  }
+  return std::max<int64_t>(1, live);
+}
+
+// Splits of the Gram's K dimension: enough blocks for two waves of the SMs over the live tiles
+// of all sides, each split >= 512 columns, the partial buffers <= 256 MB.
+int64_t gram_splits(int64_t N, int64_t D, int64_t live_tiles, int64_t sides, size_t elem_size) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  int64_t s = (2 * sms + live - 1) / live;
+  const int64_t blocks = live_tiles * sides;
+  int64_t s = (2 * sms + blocks - 1) / blocks;
   s = std::min<int64_t>(s, std::max<int64_t>(1, D / 512));
-  const int64_t budget = (int64_t(256) << 20) / std::max<int64_t>(1, N * N * elem_size);
+  const int64_t budget =
+      (int64_t(256) << 20) / std::max<int64_t>(1, sides * N * N * int64_t(elem_size));
   return std::max<int64_t>(1, std::min<int64_t>({s, budget, 32}));
+}
+
+// Columns per K split (a multiple of the k-step) and the number of splits that get columns.
+std::pair<int64_t, int64_t> k_chunks(int64_t D, int64_t splits) {
+  const int64_t k_chunk =
+      std::max<int64_t>(kStepK, ((D + splits - 1) / splits + kStepK - 1) / kStepK * kStepK);
+  return {k_chunk, D == 0 ? 1 : (D + k_chunk - 1) / k_chunk};
 }
 
 // Features are read in their own dtype unless a wider accumulation is asked for (fp16 student
@@ -282,16 +373,15 @@ at::Tensor gram_cuda(const at::Tensor& x_in, const GraphLayout& layout, at::Scal
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
     TORCH_INTERNAL_ASSERT(at::CppTypeToScalarType<acc_t>::value == acc);
-    const int64_t splits = D == 0 ? 1 : gram_splits(N, D, G, sizeof(acc_t));
-    const int64_t k_chunk =
-        std::max<int64_t>(kStepK, ((D + splits - 1) / splits + kStepK - 1) / kStepK * kStepK);
-    const int64_t used = D == 0 ? 1 : (D + k_chunk - 1) / k_chunk;
+    const int64_t splits =
+        D == 0 ? 1 : gram_splits(N, D, live_gram_tiles(layout, N, G), 1, sizeof(acc_t));
+    const auto [k_chunk, used] = k_chunks(D, splits);
     at::Tensor partial = used == 1 ? gram : at::empty({used, N, N}, gram.options());
     const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(tiles),
                     static_cast<unsigned>(used));
-    block_gram_kernel<scalar_t, acc_t><<<grid, kGemmThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), N, D, k_chunk, layout.ranges.data_ptr<int64_t>(),
-        partial.data_ptr<acc_t>());
+    block_gram_kernel<scalar_t, acc_t><<<grid, GemmShape<acc_t>::kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), N, D, used, k_chunk,
+        layout.ranges.data_ptr<int64_t>(), partial.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (used > 1) {
       sum_splits_kernel<acc_t><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
@@ -311,7 +401,6 @@ at::Tensor factor_matmul_cuda(const at::Tensor& factor_in, const at::Tensor& x_i
   const int64_t N = x.size(0), D = x.size(1);
   at::Tensor dx = at::empty({N, D}, x.options());
   if (N == 0 || D == 0) return dx.to(dtype);  // x may have been widened to the factor's dtype
-  const at::Tensor s = scale.defined() ? scale.reshape({}).to(factor.scalar_type()) : scale;
   auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>((D + kTile - 1) / kTile),
                   static_cast<unsigned>((N + kTile - 1) / kTile));
@@ -322,10 +411,9 @@ at::Tensor factor_matmul_cuda(const at::Tensor& factor_in, const at::Tensor& x_i
     TORCH_CHECK(factor.scalar_type() == at::CppTypeToScalarType<acc_t>::value,
                 "edge_mse_loss backward: factor must be ", at::CppTypeToScalarType<acc_t>::value,
                 " for ", x.scalar_type(), " features, got ", factor.scalar_type());
-    block_factor_matmul_kernel<scalar_t, acc_t><<<grid, kGemmThreads, 0, stream>>>(
+    block_factor_matmul_kernel<scalar_t, acc_t><<<grid, GemmShape<acc_t>::kThreads, 0, stream>>>(
         factor.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), N, D,
-        layout.ranges.data_ptr<int64_t>(), s.defined() ? s.data_ptr<acc_t>() : nullptr,
-        dx.data_ptr<scalar_t>());
+        layout.ranges.data_ptr<int64_t>(), device_scalar(scale), dx.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return dx.to(dtype);
@@ -362,24 +450,6 @@ __global__ void normalize_kernel(acc_t* gram, const int64_t* ranges, int64_t N,
   const int64_t i = blockIdx.x;
   for (int64_t j = ranges[2 * i] + threadIdx.x; j < ranges[2 * i + 1]; j += blockDim.x)
     gram[i * N + j] = detail::edge_entry(gram[i * N + j], norms[i], norms[j]);
-}
-
-template <typename acc_t>
-__global__ void loss_and_grads_kernel(const acc_t* es, const acc_t* et, const int64_t* ranges,
-                                      int64_t N, acc_t* ss, acc_t* st, acc_t* row_loss) {
-  __shared__ acc_t shared[kThreads];
-  const int64_t i = blockIdx.x;
-  const int64_t n = ranges[2 * i + 1] - ranges[2 * i];
-  acc_t part = acc_t(0);
-  for (int64_t j = ranges[2 * i] + threadIdx.x; j < ranges[2 * i + 1]; j += blockDim.x) {
-    const int64_t k = i * N + j;
-    part += detail::edge_loss_entry(es[k], et[k], n);
-    const acc_t gs = detail::edge_loss_student_grad(es[k], et[k], n);
-    if (ss) ss[k] = gs;
-    if (st) st[k] = -gs;
-  }
-  const acc_t total = block_sum(part, shared);
-  if (threadIdx.x == 0) row_loss[i] = total;
 }
 
 template <typename acc_t>
@@ -424,25 +494,6 @@ void normalize_cuda(at::Tensor& gram, const at::Tensor& ranges, double eps, at::
   });
 }
 
-at::Tensor loss_and_grads_cuda(const at::Tensor& e_s, const at::Tensor& e_t,
-                               const at::Tensor& ranges, at::Tensor* s_s, at::Tensor* s_t) {
-  const int64_t N = e_s.size(0);
-  at::Tensor row_loss = at::zeros({N}, e_s.options());
-  if (s_s) s_s->zero_();
-  if (s_t) s_t->zero_();
-  if (N > 0) {
-    auto stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES(e_s.scalar_type(), "edge_mse_loss_cuda", [&] {
-      loss_and_grads_kernel<scalar_t><<<rows_grid(N), kThreads, 0, stream>>>(
-          e_s.data_ptr<scalar_t>(), e_t.data_ptr<scalar_t>(), ranges.data_ptr<int64_t>(), N,
-          s_s ? s_s->data_ptr<scalar_t>() : nullptr, s_t ? s_t->data_ptr<scalar_t>() : nullptr,
-          row_loss.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  return row_loss.sum();
-}
-
 at::Tensor symmetrize_cuda(const at::Tensor& grad_edges, const at::Tensor& ranges) {
   const int64_t N = grad_edges.size(0);
   const at::Tensor g = grad_edges.contiguous();
@@ -470,9 +521,152 @@ void factor_cuda(at::Tensor& s, const at::Tensor& edges, const at::Tensor& range
   });
 }
 
-const EdgeBackend kCudaBackend{layout_cuda,         gram_cuda,       factor_matmul_cuda,
-                                normalize_cuda,      loss_and_grads_cuda, symmetrize_cuda,
-                                factor_cuda};
+// --- the edge loss, fused ---------------------------------------------------------------------
+// edge_mse_loss's forward in four launches: the layout, both Grams (one launch), one row kernel
+// for every epilogue (split sums, norms, E_s and E_t, the loss row, S, the row dot, M) and the
+// fixed-order sum of the row losses. The row kernel writes whole rows of M, zeros outside the
+// row's graph, so no output is zero-filled first.
+
+// Entry (a, b) of side `side`'s Gram: its K splits summed in order.
+template <typename acc_t>
+__device__ __forceinline__ acc_t gram_entry(const acc_t* __restrict__ partial, int64_t splits,
+                                            int64_t N, int side, int64_t a, int64_t b) {
+  acc_t v = acc_t(0);
+  for (int64_t s = 0; s < splits; ++s) v += partial[((side * splits + s) * N + a) * N + b];
+  return v;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t clamped_row_norm(const acc_t* __restrict__ partial,
+                                                  int64_t splits, int64_t N, int side,
+                                                  int64_t i, acc_t eps) {
+  return detail::clamped_norm(detail::row_norm(gram_entry(partial, splits, N, side, i, i)), eps);
+}
+
+// Row i (grid-stride over rows): the loss row sum_j (E_t - E_s)^2 / (2 n^2) over i's graph and,
+// where asked, row i of M_s and M_t (the gradient factors, edge_loss_common.h) over all N
+// columns. Pass 1 keeps S in M's row; pass 2 turns it into M once the row dot is known.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+edge_loss_rows_kernel(const acc_t* __restrict__ partial, int64_t splits, int64_t N,
+                      const int64_t* __restrict__ ranges, acc_t eps, bool zero_dead_rows,
+                      acc_t* __restrict__ m_s, acc_t* __restrict__ m_t,
+                      acc_t* __restrict__ row_loss) {
+  __shared__ acc_t shared[kThreads];
+  for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
+    const int64_t start = ranges[2 * i], end = ranges[2 * i + 1], n = end - start;
+    const acc_t norm_s = detail::row_norm(gram_entry(partial, splits, N, 0, i, i));
+    const acc_t norm_t = detail::row_norm(gram_entry(partial, splits, N, 1, i, i));
+    const acc_t rs_i = detail::clamped_norm(norm_s, eps), rt_i = detail::clamped_norm(norm_t, eps);
+    const bool live_s = detail::live_row(norm_s, eps), live_t = detail::live_row(norm_t, eps);
+    acc_t loss = acc_t(0), dot_s = acc_t(0), dot_t = acc_t(0);
+    for (int64_t j = start + threadIdx.x; j < end; j += blockDim.x) {
+      const acc_t e_s = detail::edge_entry(gram_entry(partial, splits, N, 0, i, j), rs_i,
+                                           clamped_row_norm(partial, splits, N, 0, j, eps));
+      const acc_t e_t = detail::edge_entry(gram_entry(partial, splits, N, 1, i, j), rt_i,
+                                           clamped_row_norm(partial, splits, N, 1, j, eps));
+      loss += detail::edge_loss_entry(e_s, e_t, n);
+      const acc_t g = detail::edge_loss_student_grad(e_s, e_t, n);
+      if (m_s) {
+        m_s[i * N + j] = g;
+        if (live_s) dot_s += g * e_s;
+      }
+      if (m_t) {
+        m_t[i * N + j] = -g;
+        if (live_t) dot_t += -g * e_t;
+      }
+    }
+    loss = block_sum(loss, shared);
+    if (m_s) dot_s = block_sum(dot_s, shared);
+    if (m_t) dot_t = block_sum(dot_t, shared);
+    if (threadIdx.x == 0) row_loss[i] = loss;
+    // block_sum's barriers order pass 1's writes before pass 2's reads of other threads' entries
+    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+      const bool same_graph = j >= start && j < end;
+      if (m_s)
+        m_s[i * N + j] = same_graph
+            ? detail::factor_entry(m_s[i * N + j], dot_s, rs_i,
+                                   clamped_row_norm(partial, splits, N, 0, j, eps), i == j,
+                                   live_s, zero_dead_rows)
+            : acc_t(0);
+      if (m_t)
+        m_t[i * N + j] = same_graph
+            ? detail::factor_entry(m_t[i * N + j], dot_t, rt_i,
+                                   clamped_row_norm(partial, splits, N, 1, j, eps), i == j,
+                                   live_t, zero_dead_rows)
+            : acc_t(0);
+    }
+  }
+}
+
+// loss = sum of the row losses in a fixed order, in the output dtype. One block.
+template <typename acc_t, typename out_t>
+__global__ void __launch_bounds__(kThreads)
+sum_rows_kernel(const acc_t* __restrict__ row_loss, int64_t N, out_t* __restrict__ loss) {
+  __shared__ acc_t shared[kThreads];
+  acc_t part = acc_t(0);
+  for (int64_t i = threadIdx.x; i < N; i += blockDim.x) part += row_loss[i];
+  const acc_t total = block_sum(part, shared);
+  if (threadIdx.x == 0) loss[0] = static_cast<out_t>(total);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_mse_loss_fused_cuda(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& offsets, double eps,
+    bool zero_dead_rows, bool student_grad, bool teacher_grad) {
+  const GraphLayout layout =
+      layout_cuda(offsets, student.size(0), student.device(), "edge_mse_loss");
+  const auto out_dtype = at::promote_types(student.scalar_type(), teacher.scalar_type());
+  const auto acc = accumulate_type(out_dtype);
+  // one feature dtype for the shared Gram launch: mixed inputs are widened to acc first
+  const bool same = student.scalar_type() == teacher.scalar_type();
+  const at::Tensor xs = same ? in_accumulation_reach(student, acc) : student.to(acc).contiguous();
+  const at::Tensor xt = same ? in_accumulation_reach(teacher, acc) : teacher.to(acc).contiguous();
+  const int64_t N = xs.size(0), D = xs.size(1);
+  const auto acc_options = xs.options().dtype(acc);
+  const int64_t ns = student_grad ? N : 0, nt = teacher_grad ? N : 0;
+  at::Tensor m_s = at::empty({ns, ns}, acc_options);
+  at::Tensor m_t = at::empty({nt, nt}, acc_options);
+  at::Tensor loss = at::empty({}, xs.options().dtype(out_dtype));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t tiles = (N + kTile - 1) / kTile;
+  TORCH_CHECK(tiles <= 65535, "edge_mse_loss: too many nodes (", N, ") for one call");
+  const int64_t G = std::max<int64_t>(1, static_cast<int64_t>(layout.offsets.size()) - 1);
+  at::Tensor row_loss = at::empty({N}, acc_options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs.scalar_type(),
+                                  "edge_mse_loss_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    TORCH_INTERNAL_ASSERT(at::CppTypeToScalarType<acc_t>::value == acc);
+    if (N > 0) {
+      const int64_t splits =
+          D == 0 ? 1 : gram_splits(N, D, live_gram_tiles(layout, N, G), 2, sizeof(acc_t));
+      const auto [k_chunk, used] = k_chunks(D, splits);
+      at::Tensor partial = at::empty({2, used, N, N}, acc_options);
+      const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(tiles),
+                      static_cast<unsigned>(2 * used));
+      block_gram_kernel<scalar_t, acc_t><<<grid, GemmShape<acc_t>::kThreads, 0, stream>>>(
+          xs.data_ptr<scalar_t>(), xt.data_ptr<scalar_t>(), N, D, used, k_chunk,
+          layout.ranges.data_ptr<int64_t>(), partial.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      edge_loss_rows_kernel<acc_t><<<grid_for(N, 1), kThreads, 0, stream>>>(
+          partial.data_ptr<acc_t>(), used, N, layout.ranges.data_ptr<int64_t>(),
+          static_cast<acc_t>(eps), zero_dead_rows,
+          student_grad ? m_s.data_ptr<acc_t>() : nullptr,
+          teacher_grad ? m_t.data_ptr<acc_t>() : nullptr, row_loss.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "edge_mse_loss_sum",
+                                    [&] {
+      sum_rows_kernel<acc_t, scalar_t><<<1, kThreads, 0, stream>>>(
+          row_loss.data_ptr<acc_t>(), N, loss.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {loss, m_s, m_t};
+}
+
+// edge_mse_loss's forward does not go through the shared driver (edge_mse_loss_fused_cuda).
+const EdgeBackend kCudaBackend{layout_cuda,    gram_cuda,       factor_matmul_cuda, normalize_cuda,
+                                /*loss_and_grads=*/nullptr, symmetrize_cuda, factor_cuda};
 
 // Arguments are checked before the device guard: a CPU tensor among CUDA ones must get the op's
 // own message, not the guard's internal assert.
@@ -503,8 +697,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_mse_loss_forward_cuda(
   TORCH_CHECK(student.is_cuda(), "edge_mse_loss: the node features are on ", student.device(),
               " but offsets are on ", offsets.device());
   c10::cuda::CUDAGuard guard(student.device());
-  return edge_mse_loss_forward_impl(kCudaBackend, student, teacher, offsets, eps,
-                                    zero_dead_rows, student_grad, teacher_grad);
+  return edge_mse_loss_fused_cuda(student, teacher, offsets, eps, zero_dead_rows, student_grad,
+                                  teacher_grad);
 }
 
 at::Tensor edge_factor_matmul_cuda(const at::Tensor& grad, const at::Tensor& factor,
