@@ -1308,6 +1308,14 @@ def elementwise(nbytes_fn, what):
     return model
 
 
+def cast_levels(kernel, wl, elem_bytes):
+    """Elementwise: the fp32 workspace read, every level gradient written in its dtype."""
+    cost = streaming_cost(kernel.name, wl.batch * roofline.pyramid_elements() * (4 + elem_bytes),
+                          "fp32 workspace read, level gradients written")
+    cost.kernel, cost.occ = kernel, kernel_occupancy(kernel, 128)
+    return cost
+
+
 def _blocks_bytes(per_entry):
     return lambda ew: ew.graphs * ew.nodes ** 2 * per_entry
 
@@ -1318,6 +1326,9 @@ FAMILIES = [
     (r"^backward_atomic_kernel$", atomic_backward, "T"),
     (r"^backward_owner_kernel$", owner_backward, "T"),
     (r"^footprint_kernel$", elementwise(lambda wl: wl.K * 64, "one thread per RoI (64 B)"), "acc"),
+    (r"^zero_levels_kernel$", elementwise(lambda wl: wl.batch * roofline.pyramid_elements() * 4,
+                                          "every level gradient written once"), "acc"),
+    (r"^cast_levels_kernel$", cast_levels, "T"),
     (r"^block_gram_kernel$", block_gram, "T"),
     (r"^block_factor_matmul_kernel$", factor_matmul, "T"),
     (r"^sum_splits_kernel$", elementwise(_blocks_bytes(3 * 4), "2 partials read, 1 written"),
@@ -1391,11 +1402,14 @@ def op_roi_backward_atomic(kernels, wl, dtype, eb):
     pyr = wl.batch * roofline.pyramid_elements()
     if dtype != "float32":
         parts.append(torch_pass("rois to float32", wl.K * 5 * 6))
-    parts.append(torch_pass("zero-fill of the fp32 level buffers", pyr * 4, launches=4))
+    if eb == 4:  # the outputs are the accumulation buffers: one fill kernel for all levels
+        _model_part(kernels, r"^zero_levels_kernel$", "float32", wl, eb, parts, missing)
+    else:        # one zeroed fp32 workspace for all levels, one cast kernel at the end
+        parts.append(torch_pass("zero-fill of the fp32 workspace", pyr * 4))
     _model_part(kernels, r"^backward_atomic_kernel$", dtype, wl, eb, parts, missing,
                 cpb=tile_channels(8 if eb > 4 else 4)[0])
     if eb != 4:
-        parts.append(torch_pass("cast of the level buffers", pyr * (4 + eb), launches=4))
+        _model_part(kernels, r"^cast_levels_kernel$", dtype, wl, eb, parts, missing)
     return parts, missing
 
 

@@ -439,6 +439,53 @@ backward_atomic_kernel(GradTable<acc_t> gt, const T* __restrict__ grad, int64_t 
   }
 }
 
+// --- atomic backward: level buffers ----------------------------------------------------------------
+// The level gradients as one flat index space, so that zeroing them (fp32/fp64) or casting the
+// fp32 workspace to them (half types) is one launch for all levels, not one per level.
+
+template <typename T>
+struct LevelSpans {
+  T* data[kMaxLevels];       // contiguous [B, C, H_l, W_l]
+  int64_t end[kMaxLevels];   // elements of levels 0..l
+  int num_levels;
+};
+
+template <typename T>
+LevelSpans<T> level_spans(const std::vector<at::Tensor>& levels) {
+  LevelSpans<T> spans{};
+  spans.num_levels = static_cast<int>(levels.size());
+  int64_t end = 0;
+  for (int l = 0; l < spans.num_levels; ++l) {
+    spans.data[l] = levels[l].data_ptr<T>();
+    spans.end[l] = end += levels[l].numel();
+  }
+  return spans;
+}
+
+// (level, offset in it) of flat index i < total (a handful of levels: a scan).
+template <typename T>
+__device__ __forceinline__ T* span_element(const LevelSpans<T>& spans, int64_t i) {
+  int l = 0;
+  while (l + 1 < spans.num_levels && i >= spans.end[l]) ++l;
+  return spans.data[l] + (i - (l > 0 ? spans.end[l - 1] : 0));
+}
+
+template <typename T>
+__global__ void zero_levels_kernel(LevelSpans<T> spans) {
+  const int64_t total = spans.end[spans.num_levels - 1];
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(blockDim.x) * gridDim.x)
+    *span_element(spans, i) = T(0);
+}
+
+template <typename T, typename acc_t>
+__global__ void cast_levels_kernel(const acc_t* __restrict__ workspace, LevelSpans<T> spans) {
+  const int64_t total = spans.end[spans.num_levels - 1];
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(blockDim.x) * gridDim.x)
+    *span_element(spans, i) = static_cast<T>(workspace[i]);
+}
+
 // --- deterministic backward ----------------------------------------------------------------------
 
 // What the owner kernel needs of a RoI, computed once.
@@ -710,10 +757,31 @@ std::vector<at::Tensor> multilevel_roi_align_backward_cuda(
                                                     channels, ph, pw, sampling_ratio, aligned);
       return;
     }
-    std::vector<at::Tensor> acc_grads =
-        zero_level_grads(grad, batch_size, channels, heights, widths);
+    // the outputs; for the half types the atomics go to one zeroed fp32 workspace, cast at the end
+    std::vector<at::Tensor> grads;
+    for (int l = 0; l < L; ++l)
+      grads.push_back(at::empty({batch_size, channels, heights[l], widths[l]}, grad.options()));
+    constexpr bool widened = !std::is_same_v<acc_t, scalar_t>;
+    int64_t total = 0;
+    for (const auto& g : grads) total += g.numel();
+    at::Tensor workspace;
+    if constexpr (widened) {
+      workspace = at::zeros({total}, grad.options().dtype(at::CppTypeToScalarType<acc_t>::value));
+      int64_t start = 0;
+      for (int l = 0; l < L; ++l) {
+        gt.data[l] = workspace.data_ptr<acc_t>() + start;
+        start += grads[l].numel();
+      }
+    } else {
+      for (int l = 0; l < L; ++l) gt.data[l] = grads[l].data_ptr<acc_t>();
+      if (total > 0) {
+        zero_levels_kernel<acc_t><<<blocks_for(total), kThreads, 0,
+                                    at::cuda::getCurrentCUDAStream()>>>(
+            level_spans<acc_t>(grads));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
     if (grad.numel() > 0 && batch_size > 0) {
-      for (int l = 0; l < L; ++l) gt.data[l] = acc_grads[l].data_ptr<acc_t>();
       size_t smem = 0;
       const int cpb = channels_per_block<acc_t>(ph, pw, 0, &smem);
       TORCH_CHECK(cpb > 0, "multilevel_roi_align: output size (", ph, ", ", pw,
@@ -732,7 +800,15 @@ std::vector<at::Tensor> multilevel_roi_align_backward_cuda(
       });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    result = cast_level_grads(std::move(acc_grads), grad.scalar_type());
+    if constexpr (widened) {
+      if (total > 0) {
+        cast_levels_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0,
+                                              at::cuda::getCurrentCUDAStream()>>>(
+            workspace.data_ptr<acc_t>(), level_spans<scalar_t>(grads));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+    result = std::move(grads);
   });
   return result;
 }
