@@ -1273,8 +1273,9 @@ def block_gram(kernel, ew, elem_bytes, sides=2):
 
 def factor_matmul(kernel, ew, elem_bytes):
     """dX = M X on the diagonal blocks: one block per (64 rows, 64 feature columns), the rows'
-    graph columns in 16-wide steps (64 threads, 1024 FFMA per thread per step). 2 L1 wavefronts per LDG;
-    L2: the M (fp32) and X tiles per step; DRAM: X read, dX written, M's blocks read once."""
+    graph columns in 16-wide steps (64 threads, 1024 FFMA per thread per step). 2 L1 wavefronts
+    per LDG; L2: the M (fp32) and X tiles per step; DRAM: X read, dX written, M's blocks read
+    once."""
     loop, u = _gemm_loop(kernel)
     outside = function_outside(kernel, loop)
     N, D = ew.N, ew.dim

@@ -130,7 +130,7 @@ GraphLayout layout_cuda(const at::Tensor& offsets, int64_t num_rows, const at::D
 
 constexpr int kTile = 64;
 constexpr int kStepK = 16;
-constexpr int kTilePad = 4;         // row stride 68: 16-byte aligned, staging stores 2-way at most
+constexpr int kTilePad = 4;  // rows of 68: 16-byte aligned for the four-wide shared loads
 constexpr int kGemmMaxThreads = 256;
 constexpr int kGemmMinBlocks = 2;  // <= 128 registers: 8 blocks of 64 threads per SM for float
 

@@ -439,7 +439,7 @@ backward_atomic_kernel(GradTable<acc_t> gt, const T* __restrict__ grad, int64_t 
   }
 }
 
-// --- atomic backward: level buffers ----------------------------------------------------------------
+// --- atomic backward: level buffers --------------------------------------------------------------
 // The level gradients as one flat index space, so that zeroing them (fp32/fp64) or casting the
 // fp32 workspace to them (half types) is one launch for all levels, not one per level.
 
