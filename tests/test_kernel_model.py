@@ -141,7 +141,19 @@ def test_workload_geometry():
 
 
 def test_gram_splits_and_channel_groups():
-    assert km.gram_splits(2400, 12544, 8, 4) == 2
+    # both sides' live tiles against two waves of 132 SMs, >= 512 columns per split
+    assert km.gram_splits(2400, 12544, 143, 2, 4) == 1      # 286 blocks already fill them
+    assert km.gram_splits(280, 12544, 11, 2, 4) == 12
+    assert km.gram_splits(280, 1000, 11, 2, 4) == 1          # D // 512
+    # live tiles: tile pairs (ti <= tj) holding a row and a column of one graph, brute force
+    for graphs, nodes in ((2, 140), (3, 64), (2, 300)):
+        ew = km.EdgeWorkload(graphs, nodes)
+        tiles = -(-ew.N // 64)
+        graph = [r // nodes for r in range(ew.N)]
+        want = sum(1 for ti in range(tiles) for tj in range(ti, tiles)
+                   if {graph[r] for r in range(ti * 64, min(ti * 64 + 64, ew.N))}
+                   & {graph[c] for c in range(tj * 64, min(tj * 64 + 64, ew.N))})
+        assert km.live_gram_tiles(ew) == want, (graphs, nodes)
     # channels_per_block() for 7x7: 16 channels (fp64 8); the owner adds its 2 KB RoI list
     assert km.tile_channels(4) == (16, 4 * (14 * 32 + 16 * 49 + 16 * 7 * 32))
     assert km.tile_channels(4, km.OWNER_LIST_BYTES) == (16, 21312)
