@@ -69,17 +69,18 @@ def _loss_setup_context(ctx, inputs, output):
     _, factor_s, factor_t = output
     ctx.mark_non_differentiable(factor_s, factor_t)
     ctx.save_for_backward(student, teacher, offsets, factor_s, factor_t)
+    ctx.factors_built = (student_grad, teacher_grad)
 
 
 def _loss_backward(ctx, grad_loss, _grad_factor_s, _grad_factor_t):
     student, teacher, offsets, factor_s, factor_t = ctx.saved_tensors
     grads = []
-    for x, factor, needed in ((student, factor_s, ctx.needs_input_grad[0]),
-                              (teacher, factor_t, ctx.needs_input_grad[1])):
+    for x, factor, needed, built in zip((student, teacher), (factor_s, factor_t),
+                                        ctx.needs_input_grad[:2], ctx.factors_built):
         if not needed:
             grads.append(None)
             continue
-        if factor.shape[0] != x.shape[0]:
+        if not built:
             raise RuntimeError(
                 "dsig::_edge_mse_loss_forward was called with student_grad/teacher_grad=False "
                 "for an input that requires grad; use dsig::edge_mse_loss or set the flag")

@@ -51,8 +51,15 @@ def _(student, teacher, offsets, eps, zero_dead_rows, student_grad, teacher_grad
     acc = _acc_dtype(dtype)
     n = student.shape[0]
     loss = student.new_empty((), dtype=dtype)
-    f_s = student.new_empty((n, n) if student_grad else (0, 0), dtype=acc)
-    f_t = student.new_empty((n, n) if teacher_grad else (0, 0), dtype=acc)
+    if not (student_grad or teacher_grad):
+        size = 0
+    elif offsets.device.type == "cpu":
+        # packed factors: sum of the graphs' squared sizes, known only from the offsets' values
+        size = torch.library.get_ctx().new_dynamic_size()
+    else:
+        size = n * n  # device offsets: [N, N] buffers, flattened
+    f_s = student.new_empty((size if student_grad else 0,), dtype=acc)
+    f_t = student.new_empty((size if teacher_grad else 0,), dtype=acc)
     return loss, f_s, f_t
 
 

@@ -235,7 +235,7 @@ def test_roi_align_cuda_nonfinite_gradient_stays_on_its_bin(deterministic):
 @requires_cuda
 def test_edge_factor_matmul_cuda_without_nodes_keeps_the_features_dtype():
     x = torch.zeros(0, 5, dtype=torch.float16)
-    factor = torch.zeros(0, 0, dtype=torch.float64)
+    factor = torch.zeros(0, dtype=torch.float64)
     offsets = torch.zeros(1, dtype=torch.long)
     out = torch.ops.dsig._edge_factor_matmul(torch.tensor(1.0, dtype=torch.float64).cuda(),
                                              factor.cuda(), x.cuda(), offsets)

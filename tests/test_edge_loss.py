@@ -185,12 +185,51 @@ def test_opcheck(requires_grad, dtype):
     torch.library.opcheck(torch.ops.dsig.edge_mse_loss.default, (xs, xt, offsets, 1e-12, False))
     torch.library.opcheck(torch.ops.dsig._edge_mse_loss_forward.default,
                           (xs, xt, offsets, 1e-12, False, requires_grad, requires_grad))
-    factor = torch.randn(8, 8, dtype=dtype)
+    factor = torch.randn(3 * 3 + 5 * 5, dtype=dtype)  # packed blocks of the graphs
     torch.library.opcheck(torch.ops.dsig._edge_factor_matmul.default,
                           (torch.ones((), dtype=dtype), factor, xs.detach(), offsets))
     torch.library.opcheck(torch.ops.dsig._cosine_edges_backward.default,
                           (torch.randn(8, 8, dtype=dtype), xs.detach(),
                            torch.randn(8, 8, dtype=dtype), offsets, 1e-12, False))
+
+
+def test_saved_factors_are_packed_per_graph():
+    """The factors saved for the backward hold graph g's n_g x n_g block at Sum_{h<g} n_h^2,
+    row-major; block g times X_g is graph g's gradient."""
+    sizes = [3, 0, 5, 1, 7]
+    xs, xt, offsets = make_graphs(sizes, 6)
+    loss, f_s, f_t = torch.ops.dsig._edge_mse_loss_forward(xs, xt, offsets, EPS, False, True,
+                                                             True)
+    assert f_s.shape == f_t.shape == (sum(n * n for n in sizes),)
+    a_s, a_t = xs.clone().requires_grad_(), xt.clone().requires_grad_()
+    g_s, g_t = torch.autograd.grad(naive_torch_loss(a_s, a_t, offsets.tolist()), (a_s, a_t))
+    start = 0
+    for a, n in zip(offsets.tolist(), sizes):
+        for factor, x, grad in ((f_s, xs, g_s), (f_t, xt, g_t)):
+            block = factor[start:start + n * n].view(n, n)
+            torch.testing.assert_close(block @ x[a:a + n], grad[a:a + n], atol=1e-13, rtol=0)
+        start += n * n
+
+
+def test_a_batch_of_large_graphs_does_not_allocate_n_squared():
+    """16 images x 300 nodes: the factor holds 16 * 300^2 entries (5.8 MB in fp32), not
+    4800^2 (92 MB); only the asked factor is built."""
+    xs, xt, offsets = make_graphs([300] * 16, 4, dtype=torch.float32)
+    loss, f_s, f_t = torch.ops.dsig._edge_mse_loss_forward(xs, xt, offsets, EPS, False, True,
+                                                             False)
+    assert f_s.numel() == 16 * 300 * 300 and f_t.numel() == 0
+    ref = np_edge_loss(xs.double().numpy(), xt.double().numpy(), offsets.tolist())
+    assert abs(loss.item() - ref) < 1e-5 * ref
+
+
+def test_factor_of_the_wrong_size_is_refused():
+    xs, _, offsets = make_graphs([3, 5], 4)
+    grad = torch.ones((), dtype=xs.dtype)
+    with pytest.raises(RuntimeError, match="factor has 9 entries but the offsets' packed "
+                                           "blocks need 34"):
+        torch.ops.dsig._edge_factor_matmul(grad, torch.zeros(9, dtype=xs.dtype), xs, offsets)
+    with pytest.raises(RuntimeError, match="packed 1-D factor"):
+        torch.ops.dsig._edge_factor_matmul(grad, torch.zeros(8, 8, dtype=xs.dtype), xs, offsets)
 
 
 def test_torch_compile_fullgraph():

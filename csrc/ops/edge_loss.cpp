@@ -50,6 +50,15 @@ at::Tensor host_ranges(const std::vector<int64_t>& o, int64_t num_rows) {
   return ranges;
 }
 
+std::vector<int64_t> packed_block_starts(const std::vector<int64_t>& o) {
+  std::vector<int64_t> starts(o.size(), 0);
+  for (size_t g = 0; g + 1 < o.size(); ++g) {
+    const int64_t n = o[g + 1] - o[g];
+    starts[g + 1] = starts[g] + n * n;
+  }
+  return starts;
+}
+
 void check_cosine_edges_args(const at::Tensor& x, const at::Tensor& offsets, double eps) {
   check_node_features(x, "cosine_edges", "x");
   check_offsets(offsets, x.device(), "cosine_edges");
@@ -82,9 +91,8 @@ void check_edge_mse_loss_args(const at::Tensor& student, const at::Tensor& teach
 void check_edge_factor_matmul_args(const at::Tensor& grad, const at::Tensor& factor,
                                    const at::Tensor& x, const at::Tensor& offsets) {
   check_node_features(x, "edge_mse_loss backward", "x");
-  const int64_t N = x.size(0);
-  TORCH_CHECK(factor.dim() == 2 && factor.size(0) == N && factor.size(1) == N,
-              "edge_mse_loss backward: factor must be [N, N]");
+  TORCH_CHECK(factor.dim() == 1, "edge_mse_loss backward: factor must be the packed 1-D factor "
+              "of _edge_mse_loss_forward, got ", factor.sizes());
   TORCH_CHECK(grad.numel() == 1, "edge_mse_loss backward: grad must be a scalar");
   TORCH_CHECK(factor.device() == x.device() && grad.device() == x.device(),
               "edge_mse_loss backward: grad, factor and x must be on one device");
@@ -95,7 +103,7 @@ static at::ScalarType acc_of(at::ScalarType t) { return accumulate_type(t); }
 
 at::Tensor cosine_edges_impl(const EdgeBackend& be, const at::Tensor& x,
                              const at::Tensor& offsets, double eps) {
-  const GraphLayout layout = be.layout(offsets, x.size(0), x.device(), "cosine_edges");
+  const GraphLayout layout = be.layout(offsets, x.size(0), x.device(), "cosine_edges", false);
   at::Tensor edges = be.gram(x, layout, acc_of(x.scalar_type()));
   at::Tensor norms, live;
   be.normalize(edges, layout.ranges, eps, norms, live);
@@ -106,7 +114,7 @@ at::Tensor cosine_edges_backward_impl(const EdgeBackend& be, const at::Tensor& g
                                       const at::Tensor& x, const at::Tensor& offsets, double eps,
                                       bool zero_dead_rows) {
   const GraphLayout layout =
-      be.layout(offsets, x.size(0), x.device(), "cosine_edges backward");
+      be.layout(offsets, x.size(0), x.device(), "cosine_edges backward", false);
   const auto acc = acc_of(x.scalar_type());
   // The saved edges may be in low precision; recompute them (and the norms) in acc dtype.
   at::Tensor e = be.gram(x, layout, acc);
@@ -117,33 +125,13 @@ at::Tensor cosine_edges_backward_impl(const EdgeBackend& be, const at::Tensor& g
   return be.factor_matmul(s, x, layout, at::Tensor(), x.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_mse_loss_forward_impl(
-    const EdgeBackend& be, const at::Tensor& student, const at::Tensor& teacher,
-    const at::Tensor& offsets, double eps, bool zero_dead_rows, bool student_grad,
-    bool teacher_grad) {
-  const GraphLayout layout =
-      be.layout(offsets, student.size(0), student.device(), "edge_mse_loss");
-  const auto out_dtype = at::promote_types(student.scalar_type(), teacher.scalar_type());
-  const auto acc = acc_of(out_dtype);
-  at::Tensor e_s = be.gram(student, layout, acc);
-  at::Tensor e_t = be.gram(teacher, layout, acc);
-  at::Tensor n_s, l_s, n_t, l_t;
-  be.normalize(e_s, layout.ranges, eps, n_s, l_s);
-  be.normalize(e_t, layout.ranges, eps, n_t, l_t);
-  at::Tensor f_s = student_grad ? at::empty_like(e_s) : at::empty({0, 0}, e_s.options());
-  at::Tensor f_t = teacher_grad ? at::empty_like(e_t) : at::empty({0, 0}, e_t.options());
-  at::Tensor loss = be.loss_and_grads(e_s, e_t, layout.ranges, student_grad ? &f_s : nullptr,
-                                      teacher_grad ? &f_t : nullptr);
-  if (student_grad) be.factor(f_s, e_s, layout.ranges, n_s, l_s, zero_dead_rows);
-  if (teacher_grad) be.factor(f_t, e_t, layout.ranges, n_t, l_t, zero_dead_rows);
-  return {loss.to(out_dtype), f_s, f_t};
-}
-
 at::Tensor edge_factor_matmul_impl(const EdgeBackend& be, const at::Tensor& grad,
                                    const at::Tensor& factor, const at::Tensor& x,
                                    const at::Tensor& offsets) {
   const GraphLayout layout =
-      be.layout(offsets, x.size(0), x.device(), "edge_mse_loss backward");
+      be.layout(offsets, x.size(0), x.device(), "edge_mse_loss backward", /*packed=*/true);
+  TORCH_CHECK(factor.numel() == layout.size, "edge_mse_loss backward: factor has ",
+              factor.numel(), " entries but the offsets' packed blocks need ", layout.size);
   return be.factor_matmul(factor, x, layout, grad.reshape({}), x.scalar_type());
 }
 

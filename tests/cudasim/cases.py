@@ -419,6 +419,20 @@ def edge_inputs(counts, D, dtype, seed=0, zero_rows=(), tiny_rows=()):
     return x.to(dtype), offsets
 
 
+def factor_in_layout(factor, counts, device_offsets):
+    """The CPU's packed factor as the simulated op lays it out: packed for host offsets, the
+    flattened block-diagonal [N, N] (zeros outside the blocks) for device offsets."""
+    if not device_offsets or factor.numel() == 0:
+        return factor
+    N = sum(counts)
+    dense = factor.new_zeros(N, N)
+    packed = row = 0
+    for n in counts:
+        dense[row:row + n, row:row + n] = factor[packed:packed + n * n].view(n, n)
+        packed, row = packed + n * n, row + n
+    return dense.flatten()
+
+
 def edge_check(counts, D, s_dtype, t_dtype=None, zero_dead_rows=False, device_offsets=False,
                seed=0):
     t_dtype = t_dtype or s_dtype
@@ -457,7 +471,10 @@ def edge_check(counts, D, s_dtype, t_dtype=None, zero_dead_rows=False, device_of
     assert_close(got[0][0].to(want_b.dtype), want_b, tol_dtype, "cosine_edges backward " + what)
 
     # the loss: forward with both factors, then the factor products
-    want = OPS._edge_mse_loss_forward(ref(s), ref(t), offsets, eps, zero_dead_rows, True, True)
+    in_layout = lambda f: factor_in_layout(f, counts, device_offsets)  # noqa: E731
+    want_cpu = OPS._edge_mse_loss_forward(ref(s), ref(t), offsets, eps, zero_dead_rows, True,
+                                          True)
+    want = (want_cpu[0], in_layout(want_cpu[1]), in_layout(want_cpu[2]))
     got = on_schedules(lambda: OPS._edge_mse_loss_forward(ss, st, so, eps, zero_dead_rows, True,
                                                           True))
     assert_bitwise_same(got, "edge_mse_loss " + what)
@@ -468,16 +485,17 @@ def edge_check(counts, D, s_dtype, t_dtype=None, zero_dead_rows=False, device_of
     # the training call (frozen teacher) and the loss alone: only the asked factors are built
     for flags in ((True, False), (False, False)):
         want_f = OPS._edge_mse_loss_forward(ref(s), ref(t), offsets, eps, zero_dead_rows, *flags)
+        want_f = (want_f[0], in_layout(want_f[1]), in_layout(want_f[2]))
         got = on_schedules(lambda: OPS._edge_mse_loss_forward(ss, st, so, eps, zero_dead_rows,
                                                               *flags))
         assert_bitwise_same(got, f"edge_mse_loss {flags} " + what)
         for name, a, b in zip(("loss", "student factor", "teacher factor"), got[0], want_f):
             assert a.shape == b.shape, f"{name} {flags}: {a.shape} != {b.shape} ({what})"
             assert_close(a.to(b.dtype), b, tol_dtype, f"edge_mse_loss {name} {flags} " + what)
-    factor_s = want[1]  # the same factor on both sides: this checks the product alone
+    factor_s = want[1]  # the same factor on both sides (in each one's layout): the product alone
     sfac = factor_s.to(SIM)
     grad = torch.tensor(0.75, dtype=torch.float64)
-    want_m = OPS._edge_factor_matmul(grad.to(want[0].dtype), want[1], ref(s), offsets)
+    want_m = OPS._edge_factor_matmul(grad.to(want[0].dtype), want_cpu[1], ref(s), offsets)
     got = on_schedules(lambda: OPS._edge_factor_matmul(grad.to(factor_s.dtype).to(SIM), sfac, ss,
                                                        so))
     assert_bitwise_same(got, "edge factor matmul " + what)
@@ -540,7 +558,7 @@ def test_edges_no_nodes_mixed_dtypes(counts):
 def test_edge_factor_matmul_no_nodes_keeps_feature_dtype(s_dtype, f_dtype):
     """N = 0 with a factor of another dtype: the result has the features' dtype, as on the CPU."""
     x = torch.zeros(0, 5, dtype=s_dtype)
-    factor = torch.zeros(0, 0, dtype=f_dtype)
+    factor = torch.zeros(0, dtype=f_dtype)
     offsets = torch.zeros(1, dtype=torch.long)
     grad = torch.tensor(1.0, dtype=f_dtype)
     want = OPS._edge_factor_matmul(grad, factor, x, offsets)

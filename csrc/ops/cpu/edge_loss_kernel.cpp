@@ -9,6 +9,7 @@
 
 #include "../edge_loss.h"
 #include "../edge_loss_common.h"
+#include "../multilevel_roi_align.h"  // accumulate_type
 
 namespace dsig {
 namespace ops {
@@ -21,10 +22,20 @@ int64_t row_grain(int64_t N) {
 }
 
 GraphLayout layout_cpu(const at::Tensor& offsets, int64_t num_rows, const at::Device& /*device*/,
-                       const char* op) {
+                       const char* op, bool packed) {
   GraphLayout layout;
   layout.offsets = host_offsets(offsets, num_rows, op);
   layout.ranges = host_ranges(layout.offsets, num_rows);
+  layout.packed = packed;
+  if (packed) layout.size = packed_block_starts(layout.offsets).back();
+  return layout;
+}
+
+// The layout of one graph of n nodes (rows 0 .. n).
+GraphLayout single_graph_layout(int64_t n) {
+  GraphLayout layout;
+  layout.offsets = {0, n};
+  layout.ranges = host_ranges(layout.offsets, n);
   return layout;
 }
 
@@ -68,11 +79,14 @@ at::Tensor factor_matmul_cpu(const at::Tensor& factor, const at::Tensor& x,
   // every row belongs to a graph, so every row of dx is written
   at::Tensor dx = at::empty_like(x_acc, at::MemoryFormat::Contiguous);
   const auto& o = layout.offsets;
+  const std::vector<int64_t> starts =
+      layout.packed ? packed_block_starts(o) : std::vector<int64_t>();
   for (size_t g = 0; g + 1 < o.size(); ++g) {
     const int64_t a = o[g], n = o[g + 1] - o[g];
     if (n == 0) continue;
     at::Tensor out = dx.narrow(0, a, n);
-    at::Tensor m = factor.narrow(0, a, n).narrow(1, a, n);
+    at::Tensor m = layout.packed ? factor.narrow(0, starts[g], n * n).view({n, n})
+                                 : factor.narrow(0, a, n).narrow(1, a, n);
     // scale the n x n factor, not the n x D product
     at::mm_out(out, scale.defined() ? m * scale.to(m.scalar_type()) : m, x_acc.narrow(0, a, n));
   }
@@ -103,19 +117,20 @@ void normalize_cpu(at::Tensor& gram, const at::Tensor& ranges, double eps, at::T
   });
 }
 
-at::Tensor loss_and_grads_cpu(const at::Tensor& e_s, const at::Tensor& e_t,
-                              const at::Tensor& ranges, at::Tensor* s_s, at::Tensor* s_t) {
+// Adds graph-local rows' losses sum_j (E_t - E_s)^2 / (2 n^2) to `loss` in row order (fixed
+// order: deterministic) and writes S_s / S_t where the tensors are given.
+void add_loss_rows_cpu(const at::Tensor& e_s, const at::Tensor& e_t, const at::Tensor& ranges,
+                       at::Tensor* s_s, at::Tensor* s_t, double& loss) {
   const int64_t N = e_s.size(0);
   const int64_t* rg = ranges.data_ptr<int64_t>();
-  double loss = 0;
   AT_DISPATCH_FLOATING_TYPES(e_s.scalar_type(), "edge_mse_loss_cpu", [&] {
     const scalar_t* es = e_s.data_ptr<scalar_t>();
     const scalar_t* et = e_t.data_ptr<scalar_t>();
-    scalar_t* ss = s_s ? s_s->zero_().data_ptr<scalar_t>() : nullptr;
-    scalar_t* st = s_t ? s_t->zero_().data_ptr<scalar_t>() : nullptr;
+    scalar_t* ss = s_s ? s_s->data_ptr<scalar_t>() : nullptr;
+    scalar_t* st = s_t ? s_t->data_ptr<scalar_t>() : nullptr;
     for (int64_t i = 0; i < N; ++i) {
       const int64_t n = rg[2 * i + 1] - rg[2 * i];
-      double row = 0;  // fixed order: deterministic
+      double row = 0;
       for (int64_t j = rg[2 * i]; j < rg[2 * i + 1]; ++j) {
         const int64_t k = i * N + j;
         row += static_cast<double>(detail::edge_loss_entry(es[k], et[k], n));
@@ -126,7 +141,6 @@ at::Tensor loss_and_grads_cpu(const at::Tensor& e_s, const at::Tensor& e_t,
       loss += row;
     }
   });
-  return at::scalar_tensor(loss, e_s.options());
 }
 
 at::Tensor symmetrize_cpu(const at::Tensor& grad_edges, const at::Tensor& ranges) {
@@ -167,7 +181,7 @@ void factor_cpu(at::Tensor& s, const at::Tensor& edges, const at::Tensor& ranges
 }
 
 const EdgeBackend kCpuBackend{layout_cpu,    gram_cpu,       factor_matmul_cpu, normalize_cpu,
-                               loss_and_grads_cpu, symmetrize_cpu, factor_cpu};
+                               symmetrize_cpu, factor_cpu};
 
 at::Tensor cosine_edges_cpu(const at::Tensor& x, const at::Tensor& offsets, double eps,
                             bool /*zero_dead_rows: backward only*/) {
@@ -183,12 +197,39 @@ at::Tensor cosine_edges_backward_cpu(const at::Tensor& grad, const at::Tensor& x
   return cosine_edges_backward_impl(kCpuBackend, grad, x, offsets, eps, zero_dead_rows);
 }
 
+// The loss graph by graph: each graph's Grams, edges and factors are n x n, and the factors go
+// straight into their packed blocks, so memory grows with Sum_g n^2.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_mse_loss_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& offsets, double eps,
     bool zero_dead_rows, bool student_grad, bool teacher_grad) {
   check_edge_mse_loss_args(student, teacher, offsets, eps);
-  return edge_mse_loss_forward_impl(kCpuBackend, student, teacher, offsets, eps, zero_dead_rows,
-                                    student_grad, teacher_grad);
+  const GraphLayout layout =
+      layout_cpu(offsets, student.size(0), student.device(), "edge_mse_loss", /*packed=*/true);
+  const auto out_dtype = at::promote_types(student.scalar_type(), teacher.scalar_type());
+  const auto acc = accumulate_type(out_dtype);
+  const auto acc_options = student.options().dtype(acc);
+  at::Tensor f_s = at::empty({student_grad ? layout.size : 0}, acc_options);
+  at::Tensor f_t = at::empty({teacher_grad ? layout.size : 0}, acc_options);
+  const auto& o = layout.offsets;
+  const std::vector<int64_t> starts = packed_block_starts(o);
+  double loss = 0;
+  for (size_t g = 0; g + 1 < o.size(); ++g) {
+    const int64_t a = o[g], n = o[g + 1] - o[g];
+    if (n == 0) continue;
+    const GraphLayout one = single_graph_layout(n);
+    at::Tensor e_s = gram_cpu(student.narrow(0, a, n), one, acc);
+    at::Tensor e_t = gram_cpu(teacher.narrow(0, a, n), one, acc);
+    at::Tensor n_s, l_s, n_t, l_t;
+    normalize_cpu(e_s, one.ranges, eps, n_s, l_s);
+    normalize_cpu(e_t, one.ranges, eps, n_t, l_t);
+    at::Tensor m_s = student_grad ? f_s.narrow(0, starts[g], n * n).view({n, n}) : at::Tensor();
+    at::Tensor m_t = teacher_grad ? f_t.narrow(0, starts[g], n * n).view({n, n}) : at::Tensor();
+    add_loss_rows_cpu(e_s, e_t, one.ranges, student_grad ? &m_s : nullptr,
+                      teacher_grad ? &m_t : nullptr, loss);
+    if (student_grad) factor_cpu(m_s, e_s, one.ranges, n_s, l_s, zero_dead_rows);
+    if (teacher_grad) factor_cpu(m_t, e_t, one.ranges, n_t, l_t, zero_dead_rows);
+  }
+  return {at::scalar_tensor(loss, acc_options).to(out_dtype), f_s, f_t};
 }
 
 at::Tensor edge_factor_matmul_cpu(const at::Tensor& grad, const at::Tensor& factor,

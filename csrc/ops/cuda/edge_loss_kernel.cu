@@ -1,8 +1,9 @@
 // CUDA backend of the cosine-edge ops. Every stage covers all graphs in one launch and reads
 // the graph layout from the device, so nothing waits for the host: the ops run under
 // torch.cuda.set_sync_debug_mode("error") and inside CUDA-graph capture.
-//   layout      ranges [N, 2] built on the device: from host offsets passed by value in the
-//               launch (no copy), or from device offsets by binary search;
+//   layout      ranges [N, 2] (and row_base [N] for packed buffers) built on the device: from
+//               host offsets passed by value in the launch (no copy), or from device offsets by
+//               binary search;
 //   products    tiled block-diagonal kernels for the Gram X X^T and for M X: tiles that hold no
 //               same-graph pair exit at once; fp32 (fp64 for double) FMA accumulation, inputs
 //               read in their own dtype; split-K partials summed in a fixed order. No cuBLAS:
@@ -32,15 +33,19 @@ constexpr int kThreads = 128;  // power of two: block_sum's tree
 
 // --- layout -----------------------------------------------------------------------------------
 
-constexpr int kOffsetsPerLaunch = 256;  // host offsets travel as a kernel argument (< 4 KB)
+constexpr int kOffsetsPerLaunch = 128;  // host offsets travel as a kernel argument (< 4 KB)
 
 struct OffsetsChunk {
-  int64_t o[kOffsetsPerLaunch + 1];  // offsets[g0 .. g0 + count]
-  int count;                         // graphs in the chunk
+  int64_t o[kOffsetsPerLaunch + 1];    // offsets[g0 .. g0 + count]
+  int64_t block[kOffsetsPerLaunch];    // packed start of each graph's block
+  int count;                           // graphs in the chunk
 };
 
-// Row i of graph g gets ranges[i] = (o[g], o[g + 1]); the chunk's rows are o[0] .. o[count).
-__global__ void ranges_from_host_offsets_kernel(OffsetsChunk chunk, int64_t* ranges) {
+// Row i of graph g gets ranges[i] = (o[g], o[g + 1]) and, where row_base is given, the packed
+// base block[g] + (i - o[g]) n - o[g] (n = o[g + 1] - o[g]); the chunk's rows are
+// o[0] .. o[count).
+__global__ void ranges_from_host_offsets_kernel(OffsetsChunk chunk, int64_t* ranges,
+                                                int64_t* row_base) {
   const int64_t first = chunk.o[0];
   const int64_t rows = chunk.o[chunk.count] - first;
   for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r < rows;
@@ -53,11 +58,15 @@ __global__ void ranges_from_host_offsets_kernel(OffsetsChunk chunk, int64_t* ran
     }
     ranges[2 * i] = chunk.o[lo];
     ranges[2 * i + 1] = chunk.o[lo + 1];
+    if (row_base)
+      row_base[i] = chunk.block[lo] + (i - chunk.o[lo]) * (chunk.o[lo + 1] - chunk.o[lo]) -
+                    chunk.o[lo];
   }
 }
 
 // Same from device offsets [G + 1]. Offsets that skipped validation still give every row a range
-// with start <= i < end inside [0, N], so no later kernel reads out of bounds.
+// with start <= i < end inside [0, N], so no later kernel reads out of bounds. (No row_base:
+// packing needs the offsets on the host, so these layouts keep [N, N] buffers.)
 __global__ void ranges_from_device_offsets_kernel(const int64_t* offsets, int64_t G, int64_t N,
                                                   int64_t* ranges) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N;
@@ -79,6 +88,11 @@ __global__ void ranges_from_device_offsets_kernel(const int64_t* offsets, int64_
   }
 }
 
+// The kernels' row_base: nullptr addresses [N, N] buffers (block-diagonal, or device offsets).
+const int64_t* row_base_of(const GraphLayout& layout) {
+  return layout.row_base.defined() ? layout.row_base.data_ptr<int64_t>() : nullptr;
+}
+
 // Most blocks of a grid-stride launch. The CPU executor of this source (tests/cudasim) lowers it
 // so that its small cases take several strides.
 #ifdef DSIG_CUDA_MAX_GRID_BLOCKS
@@ -94,29 +108,40 @@ unsigned grid_for(int64_t n, int threads) {
 }
 
 GraphLayout layout_cuda(const at::Tensor& offsets, int64_t num_rows, const at::Device& device,
-                        const char* op) {
+                        const char* op, bool packed) {
   GraphLayout layout;
-  layout.ranges = at::empty({num_rows, 2}, at::TensorOptions().dtype(at::kLong).device(device));
+  const auto index_options = at::TensorOptions().dtype(at::kLong).device(device);
+  layout.ranges = at::empty({num_rows, 2}, index_options);
+  layout.packed = packed;
   auto stream = at::cuda::getCurrentCUDAStream();
   if (offsets.device().is_cpu()) {
+    if (packed) layout.row_base = at::empty({num_rows}, index_options);
+    int64_t* row_base = packed ? layout.row_base.data_ptr<int64_t>() : nullptr;
     layout.offsets = host_offsets(offsets, num_rows, op);
+    const std::vector<int64_t> block = packed_block_starts(layout.offsets);
+    layout.size = block.back();
     const int64_t G = static_cast<int64_t>(layout.offsets.size()) - 1;
     for (int64_t g0 = 0; g0 < G; g0 += kOffsetsPerLaunch) {
       OffsetsChunk chunk;
       chunk.count = static_cast<int>(std::min<int64_t>(kOffsetsPerLaunch, G - g0));
       for (int g = 0; g <= chunk.count; ++g) chunk.o[g] = layout.offsets[g0 + g];
+      for (int g = 0; g < chunk.count; ++g) chunk.block[g] = block[g0 + g];
       const int64_t rows = chunk.o[chunk.count] - chunk.o[0];
       if (rows == 0) continue;
       ranges_from_host_offsets_kernel<<<grid_for(rows, kThreads), kThreads, 0, stream>>>(
-          chunk, layout.ranges.data_ptr<int64_t>());
+          chunk, layout.ranges.data_ptr<int64_t>(), row_base);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-  } else if (num_rows > 0) {
-    const at::Tensor o = offsets.to(at::kLong).contiguous();  // stays on the device
-    ranges_from_device_offsets_kernel<<<grid_for(num_rows, kThreads), kThreads, 0, stream>>>(
-        o.data_ptr<int64_t>(), o.numel() - 1, num_rows, layout.ranges.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    layout.size = num_rows * num_rows;
+    if (num_rows > 0) {
+      const at::Tensor o = offsets.to(at::kLong).contiguous();  // stays on the device
+      ranges_from_device_offsets_kernel<<<grid_for(num_rows, kThreads), kThreads, 0, stream>>>(
+          o.data_ptr<int64_t>(), o.numel() - 1, num_rows, layout.ranges.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   }
+  if (!packed) layout.size = 0;
   return layout;
 }
 
@@ -172,15 +197,22 @@ __device__ __forceinline__ void tile_fma(const StagedTile<acc_t>& lhs, const Sta
   }
 }
 
+// Where entry (row, j) of row's graph lives in a buffer: row_base[row] + j in a packed layout
+// (nullptr: block-diagonal [N, N], row N + j).
+__device__ __forceinline__ int64_t entry_base(const int64_t* __restrict__ row_base, int64_t row,
+                                              int64_t N) {
+  return row_base ? row_base[row] : row * N;
+}
+
 // Gram tile (ti, tj), tj >= ti, of side blockIdx.z / splits (x0 or x1: the student's and the
-// teacher's Grams share one launch) over the K range of split blockIdx.z % splits; entries whose
-// row and column lie in different graphs are written as 0, and the tile is mirrored. Output
-// [sides, splits, N, N]; tiles without a same-graph pair are not written.
+// teacher's Grams share one launch) over the K range of split blockIdx.z % splits. Only entries
+// whose row and column lie in one graph are written, and mirrored. Output [sides, splits, plane]
+// (plane: the layout's size, N^2 for block-diagonal); tiles without a same-graph pair exit.
 template <typename T, typename acc_t>
 __global__ void __launch_bounds__(kGemmMaxThreads, kGemmMinBlocks)
 block_gram_kernel(const T* __restrict__ x0, const T* __restrict__ x1, int64_t N, int64_t D,
                   int64_t splits, int64_t k_chunk, const int64_t* __restrict__ ranges,
-                  acc_t* __restrict__ out) {
+                  const int64_t* __restrict__ row_base, int64_t plane, acc_t* __restrict__ out) {
   using Shape = GemmShape<acc_t>;
   const int64_t ti = blockIdx.y, tj = blockIdx.x;
   if (tj < ti) return;
@@ -214,19 +246,20 @@ block_gram_kernel(const T* __restrict__ x0, const T* __restrict__ x1, int64_t N,
     tile_fma<acc_t>(as, bs, tx, ty, acc);
     __syncthreads();
   }
-  acc_t* o = out + blockIdx.z * N * N;
+  acc_t* o = out + blockIdx.z * plane;
 #pragma unroll
   for (int a = 0; a < Shape::kMicro; ++a) {
     const int64_t row = r0 + micro_offset<acc_t>(ty, a);
     if (row >= N) continue;
     const int64_t start = ranges[2 * row], end = ranges[2 * row + 1];
+    // rows of one graph are `ld` apart: (col, row) is at base + (col - row) ld + row
+    const int64_t base = entry_base(row_base, row, N), ld = row_base ? end - start : N;
 #pragma unroll
     for (int b = 0; b < Shape::kMicro; ++b) {
       const int64_t col = c0 + micro_offset<acc_t>(tx, b);
-      if (col >= N) continue;
-      const acc_t v = (col >= start && col < end) ? acc[a][b] : acc_t(0);
-      o[row * N + col] = v;
-      if (ti != tj) o[col * N + row] = v;
+      if (col < start || col >= end) continue;
+      o[base + col] = acc[a][b];
+      if (ti != tj) o[base + (col - row) * ld + row] = acc[a][b];
     }
   }
 }
@@ -268,12 +301,13 @@ __device__ __forceinline__ acc_t load_scalar(const DeviceScalar& s) {
 }
 
 // dX tile (rows r0.., feature columns d0..) = scale * M[rows, J] X[J, cols], J the columns of the
-// rows' graphs (M is zero outside its diagonal blocks).
+// rows' graphs; M is read only inside each row's graph (packed by row_base, or block-diagonal).
 template <typename T, typename acc_t>
 __global__ void __launch_bounds__(kGemmMaxThreads, kGemmMinBlocks)
 block_factor_matmul_kernel(const acc_t* __restrict__ m, const T* __restrict__ x, int64_t N,
                            int64_t D, const int64_t* __restrict__ ranges,
-                           DeviceScalar scale, T* __restrict__ dx) {
+                           const int64_t* __restrict__ row_base, DeviceScalar scale,
+                           T* __restrict__ dx) {
   using Shape = GemmShape<acc_t>;
   const int64_t r0 = int64_t(blockIdx.y) * kTile, d0 = int64_t(blockIdx.x) * kTile;
   const int64_t r_last = min(r0 + kTile, N) - 1;
@@ -286,14 +320,23 @@ block_factor_matmul_kernel(const acc_t* __restrict__ m, const T* __restrict__ x,
   // kPerThread rows of X's column d0 + t % kTile (shared stores conflict free)
   constexpr int kPerThread = kTile * kStepK / Shape::kThreads;
   const int lane = threadIdx.x % kTile, kq = (threadIdx.x / kTile) * kPerThread;
-  const bool m_row = r0 + lane < N, x_col = d0 + lane < D;
-  const acc_t* __restrict__ m_src = m + (r0 + lane) * N + kq;
+  const bool x_col = d0 + lane < D;
+  // this thread's M row: its graph's columns [m_start, m_end) (empty past N)
+  const int64_t m_row = r0 + lane;
+  int64_t m_start = 0, m_end = 0;
+  const acc_t* __restrict__ m_src = m;
+  if (m_row < N) {
+    m_start = ranges[2 * m_row];
+    m_end = ranges[2 * m_row + 1];
+    m_src = m + entry_base(row_base, m_row, N) + kq;
+  }
   for (int64_t j0 = j_begin; j0 < j_end; j0 += kStepK) {
     const int k_left = static_cast<int>(min(j_end - j0, int64_t(kStepK))) - kq;  // valid: i < it
+    const int64_t m_lo = m_start - j0 - kq, m_hi = m_end - j0 - kq;  // valid: m_lo <= i < m_hi
     const T* __restrict__ x_src = x + (j0 + kq) * D + d0 + lane;
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
-      ms[kq + i][lane] = (m_row && i < k_left) ? m_src[j0 + i] : acc_t(0);
+      ms[kq + i][lane] = (i >= m_lo && i < m_hi) ? m_src[j0 + i] : acc_t(0);
       xs[kq + i][lane] = (x_col && i < k_left) ? static_cast<acc_t>(*x_src) : acc_t(0);
       x_src += D;
     }
@@ -336,14 +379,16 @@ int64_t live_gram_tiles(const GraphLayout& layout, int64_t N, int64_t G) {
 }
 
 // Splits of the Gram's K dimension: enough blocks for two waves of the SMs over the live tiles
-// of all sides, each split >= 512 columns, the partial buffers <= 256 MB.
-int64_t gram_splits(int64_t N, int64_t D, int64_t live_tiles, int64_t sides, size_t elem_size) {
+// of all sides, each split >= 512 columns, the partial buffers (`plane` entries per side and
+// split) <= 256 MB.
+int64_t gram_splits(int64_t plane, int64_t D, int64_t live_tiles, int64_t sides,
+                    size_t elem_size) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t blocks = live_tiles * sides;
   int64_t s = (2 * sms + blocks - 1) / blocks;
   s = std::min<int64_t>(s, std::max<int64_t>(1, D / 512));
   const int64_t budget =
-      (int64_t(256) << 20) / std::max<int64_t>(1, sides * N * N * int64_t(elem_size));
+      (int64_t(256) << 20) / std::max<int64_t>(1, sides * plane * int64_t(elem_size));
   return std::max<int64_t>(1, std::min<int64_t>({s, budget, 32}));
 }
 
@@ -374,14 +419,15 @@ at::Tensor gram_cuda(const at::Tensor& x_in, const GraphLayout& layout, at::Scal
     using acc_t = at::opmath_type<scalar_t>;
     TORCH_INTERNAL_ASSERT(at::CppTypeToScalarType<acc_t>::value == acc);
     const int64_t splits =
-        D == 0 ? 1 : gram_splits(N, D, live_gram_tiles(layout, N, G), 1, sizeof(acc_t));
+        D == 0 ? 1 : gram_splits(N * N, D, live_gram_tiles(layout, N, G), 1, sizeof(acc_t));
     const auto [k_chunk, used] = k_chunks(D, splits);
     at::Tensor partial = used == 1 ? gram : at::empty({used, N, N}, gram.options());
     const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(tiles),
                     static_cast<unsigned>(used));
     block_gram_kernel<scalar_t, acc_t><<<grid, GemmShape<acc_t>::kThreads, 0, stream>>>(
         x.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), N, D, used, k_chunk,
-        layout.ranges.data_ptr<int64_t>(), partial.data_ptr<acc_t>());
+        layout.ranges.data_ptr<int64_t>(), /*row_base=*/nullptr, N * N,
+        partial.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (used > 1) {
       sum_splits_kernel<acc_t><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
@@ -413,7 +459,9 @@ at::Tensor factor_matmul_cuda(const at::Tensor& factor_in, const at::Tensor& x_i
                 " for ", x.scalar_type(), " features, got ", factor.scalar_type());
     block_factor_matmul_kernel<scalar_t, acc_t><<<grid, GemmShape<acc_t>::kThreads, 0, stream>>>(
         factor.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), N, D,
-        layout.ranges.data_ptr<int64_t>(), device_scalar(scale), dx.data_ptr<scalar_t>());
+        layout.ranges.data_ptr<int64_t>(),
+        row_base_of(layout), device_scalar(scale),
+        dx.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return dx.to(dtype);
@@ -524,55 +572,55 @@ void factor_cuda(at::Tensor& s, const at::Tensor& edges, const at::Tensor& range
 // --- the edge loss, fused ---------------------------------------------------------------------
 // edge_mse_loss's forward in four launches: the layout, both Grams (one launch), one row kernel
 // for every epilogue (split sums, norms, E_s and E_t, the loss row, S, the row dot, M) and the
-// fixed-order sum of the row losses. The row kernel writes whole rows of M, zeros outside the
-// row's graph, so no output is zero-filled first.
+// fixed-order sum of the row losses. The Gram partials and M are packed (edge_loss.h): row i's
+// entry j at base_i + j, and the rows of i's graph ld = n apart (N apart for [N, N] buffers).
 
-// Entry (a, b) of side `side`'s Gram: its K splits summed in order.
+// Entry at `index` of side `side`'s Gram: its K splits summed in order.
 template <typename acc_t>
 __device__ __forceinline__ acc_t gram_entry(const acc_t* __restrict__ partial, int64_t splits,
-                                            int64_t N, int side, int64_t a, int64_t b) {
+                                            int64_t plane, int side, int64_t index) {
   acc_t v = acc_t(0);
-  for (int64_t s = 0; s < splits; ++s) v += partial[((side * splits + s) * N + a) * N + b];
+  for (int64_t s = 0; s < splits; ++s) v += partial[(side * splits + s) * plane + index];
   return v;
 }
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t clamped_row_norm(const acc_t* __restrict__ partial,
-                                                  int64_t splits, int64_t N, int side,
-                                                  int64_t i, acc_t eps) {
-  return detail::clamped_norm(detail::row_norm(gram_entry(partial, splits, N, side, i, i)), eps);
-}
-
 // Row i (grid-stride over rows): the loss row sum_j (E_t - E_s)^2 / (2 n^2) over i's graph and,
-// where asked, row i of M_s and M_t (the gradient factors, edge_loss_common.h) over all N
-// columns. Pass 1 keeps S in M's row; pass 2 turns it into M once the row dot is known.
+// where asked, row i of M_s and M_t (the gradient factors, edge_loss_common.h). Pass 1 keeps S in
+// M's row; pass 2 turns it into M once the row dot is known.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-edge_loss_rows_kernel(const acc_t* __restrict__ partial, int64_t splits, int64_t N,
-                      const int64_t* __restrict__ ranges, acc_t eps, bool zero_dead_rows,
+edge_loss_rows_kernel(const acc_t* __restrict__ partial, int64_t splits, int64_t plane,
+                      int64_t N, const int64_t* __restrict__ ranges,
+                      const int64_t* __restrict__ row_base, acc_t eps, bool zero_dead_rows,
                       acc_t* __restrict__ m_s, acc_t* __restrict__ m_t,
                       acc_t* __restrict__ row_loss) {
   __shared__ acc_t shared[kThreads];
   for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
     const int64_t start = ranges[2 * i], end = ranges[2 * i + 1], n = end - start;
-    const acc_t norm_s = detail::row_norm(gram_entry(partial, splits, N, 0, i, i));
-    const acc_t norm_t = detail::row_norm(gram_entry(partial, splits, N, 1, i, i));
+    const int64_t base = entry_base(row_base, i, N), ld = row_base ? n : N;
+    // clamped norm of row j of i's graph, from its diagonal entry (j, j)
+    auto clamped_norm_of = [&](int side, int64_t j) {
+      const acc_t g = gram_entry(partial, splits, plane, side, base + (j - i) * ld + j);
+      return detail::clamped_norm(detail::row_norm(g), eps);
+    };
+    const acc_t norm_s = detail::row_norm(gram_entry(partial, splits, plane, 0, base + i));
+    const acc_t norm_t = detail::row_norm(gram_entry(partial, splits, plane, 1, base + i));
     const acc_t rs_i = detail::clamped_norm(norm_s, eps), rt_i = detail::clamped_norm(norm_t, eps);
     const bool live_s = detail::live_row(norm_s, eps), live_t = detail::live_row(norm_t, eps);
     acc_t loss = acc_t(0), dot_s = acc_t(0), dot_t = acc_t(0);
     for (int64_t j = start + threadIdx.x; j < end; j += blockDim.x) {
-      const acc_t e_s = detail::edge_entry(gram_entry(partial, splits, N, 0, i, j), rs_i,
-                                           clamped_row_norm(partial, splits, N, 0, j, eps));
-      const acc_t e_t = detail::edge_entry(gram_entry(partial, splits, N, 1, i, j), rt_i,
-                                           clamped_row_norm(partial, splits, N, 1, j, eps));
+      const acc_t e_s = detail::edge_entry(gram_entry(partial, splits, plane, 0, base + j), rs_i,
+                                           clamped_norm_of(0, j));
+      const acc_t e_t = detail::edge_entry(gram_entry(partial, splits, plane, 1, base + j), rt_i,
+                                           clamped_norm_of(1, j));
       loss += detail::edge_loss_entry(e_s, e_t, n);
       const acc_t g = detail::edge_loss_student_grad(e_s, e_t, n);
       if (m_s) {
-        m_s[i * N + j] = g;
+        m_s[base + j] = g;
         if (live_s) dot_s += g * e_s;
       }
       if (m_t) {
-        m_t[i * N + j] = -g;
+        m_t[base + j] = -g;
         if (live_t) dot_t += -g * e_t;
       }
     }
@@ -580,21 +628,21 @@ edge_loss_rows_kernel(const acc_t* __restrict__ partial, int64_t splits, int64_t
     if (m_s) dot_s = block_sum(dot_s, shared);
     if (m_t) dot_t = block_sum(dot_t, shared);
     if (threadIdx.x == 0) row_loss[i] = loss;
-    // block_sum's barriers order pass 1's writes before pass 2's reads of other threads' entries
-    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+    // pass 2: S -> M; [N, N] buffers also get their zeros outside the graph (block_sum's
+    // barriers order pass 1's writes before these reads)
+    const int64_t j_first = row_base ? start : 0, j_last = row_base ? end : N;
+    for (int64_t j = j_first + threadIdx.x; j < j_last; j += blockDim.x) {
       const bool same_graph = j >= start && j < end;
       if (m_s)
-        m_s[i * N + j] = same_graph
-            ? detail::factor_entry(m_s[i * N + j], dot_s, rs_i,
-                                   clamped_row_norm(partial, splits, N, 0, j, eps), i == j,
-                                   live_s, zero_dead_rows)
-            : acc_t(0);
+        m_s[base + j] = same_graph ? detail::factor_entry(m_s[base + j], dot_s, rs_i,
+                                                          clamped_norm_of(0, j), i == j, live_s,
+                                                          zero_dead_rows)
+                                   : acc_t(0);
       if (m_t)
-        m_t[i * N + j] = same_graph
-            ? detail::factor_entry(m_t[i * N + j], dot_t, rt_i,
-                                   clamped_row_norm(partial, splits, N, 1, j, eps), i == j,
-                                   live_t, zero_dead_rows)
-            : acc_t(0);
+        m_t[base + j] = same_graph ? detail::factor_entry(m_t[base + j], dot_t, rt_i,
+                                                          clamped_norm_of(1, j), i == j, live_t,
+                                                          zero_dead_rows)
+                                   : acc_t(0);
     }
   }
 }
@@ -614,7 +662,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_mse_loss_fused_cuda(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& offsets, double eps,
     bool zero_dead_rows, bool student_grad, bool teacher_grad) {
   const GraphLayout layout =
-      layout_cuda(offsets, student.size(0), student.device(), "edge_mse_loss");
+      layout_cuda(offsets, student.size(0), student.device(), "edge_mse_loss", /*packed=*/true);
   const auto out_dtype = at::promote_types(student.scalar_type(), teacher.scalar_type());
   const auto acc = accumulate_type(out_dtype);
   // one feature dtype for the shared Gram launch: mixed inputs are widened to acc first
@@ -623,9 +671,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_mse_loss_fused_cuda(
   const at::Tensor xt = same ? in_accumulation_reach(teacher, acc) : teacher.to(acc).contiguous();
   const int64_t N = xs.size(0), D = xs.size(1);
   const auto acc_options = xs.options().dtype(acc);
-  const int64_t ns = student_grad ? N : 0, nt = teacher_grad ? N : 0;
-  at::Tensor m_s = at::empty({ns, ns}, acc_options);
-  at::Tensor m_t = at::empty({nt, nt}, acc_options);
+  at::Tensor m_s = at::empty({student_grad ? layout.size : 0}, acc_options);
+  at::Tensor m_t = at::empty({teacher_grad ? layout.size : 0}, acc_options);
   at::Tensor loss = at::empty({}, xs.options().dtype(out_dtype));
   auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t tiles = (N + kTile - 1) / kTile;
@@ -638,18 +685,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_mse_loss_fused_cuda(
     TORCH_INTERNAL_ASSERT(at::CppTypeToScalarType<acc_t>::value == acc);
     if (N > 0) {
       const int64_t splits =
-          D == 0 ? 1 : gram_splits(N, D, live_gram_tiles(layout, N, G), 2, sizeof(acc_t));
+          D == 0 ? 1 : gram_splits(layout.size, D, live_gram_tiles(layout, N, G), 2,
+                                   sizeof(acc_t));
       const auto [k_chunk, used] = k_chunks(D, splits);
-      at::Tensor partial = at::empty({2, used, N, N}, acc_options);
+      at::Tensor partial = at::empty({2, used, layout.size}, acc_options);
       const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(tiles),
                       static_cast<unsigned>(2 * used));
       block_gram_kernel<scalar_t, acc_t><<<grid, GemmShape<acc_t>::kThreads, 0, stream>>>(
           xs.data_ptr<scalar_t>(), xt.data_ptr<scalar_t>(), N, D, used, k_chunk,
-          layout.ranges.data_ptr<int64_t>(), partial.data_ptr<acc_t>());
+          layout.ranges.data_ptr<int64_t>(), row_base_of(layout), layout.size,
+          partial.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       edge_loss_rows_kernel<acc_t><<<grid_for(N, 1), kThreads, 0, stream>>>(
-          partial.data_ptr<acc_t>(), used, N, layout.ranges.data_ptr<int64_t>(),
-          static_cast<acc_t>(eps), zero_dead_rows,
+          partial.data_ptr<acc_t>(), used, layout.size, N, layout.ranges.data_ptr<int64_t>(),
+          row_base_of(layout), static_cast<acc_t>(eps), zero_dead_rows,
           student_grad ? m_s.data_ptr<acc_t>() : nullptr,
           teacher_grad ? m_t.data_ptr<acc_t>() : nullptr, row_loss.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -666,7 +715,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_mse_loss_fused_cuda(
 
 // edge_mse_loss's forward does not go through the shared driver (edge_mse_loss_fused_cuda).
 const EdgeBackend kCudaBackend{layout_cuda,    gram_cuda,       factor_matmul_cuda, normalize_cuda,
-                                /*loss_and_grads=*/nullptr, symmetrize_cuda, factor_cuda};
+                                symmetrize_cuda, factor_cuda};
 
 // Arguments are checked before the device guard: a CPU tensor among CUDA ones must get the op's
 // own message, not the guard's internal assert.
