@@ -1217,19 +1217,20 @@ def live_gram_tiles(ew):
                if tj * GEMM_TILE < ew.graph_end(min((ti + 1) * GEMM_TILE, ew.N) - 1))
 
 
-def gram_splits(N, D, live, sides, elem_size, sms=H100["sms"]):
-    """edge_loss_kernel.cu's gram_splits() on 132 SMs."""
+def gram_splits(plane, D, live, sides, elem_size, sms=H100["sms"]):
+    """edge_loss_kernel.cu's gram_splits() on 132 SMs (plane: entries of one side's partial,
+    Sum_g n_g^2 for the loss's packed buffers)."""
     blocks = live * sides
     s = (2 * sms + blocks - 1) // blocks
     s = min(s, max(1, D // 512))
-    budget = (256 << 20) // max(1, sides * N * N * elem_size)
+    budget = (256 << 20) // max(1, sides * plane * elem_size)
     return max(1, min(s, budget, 32))
 
 
 def gram_chunks(ew, sides=2):
     """(k_chunk, used splits) of the edge loss's Gram launch (k_chunks() in the .cu)."""
     D = ew.dim
-    splits = gram_splits(ew.N, D, live_gram_tiles(ew), sides, 4)
+    splits = gram_splits(ew.graphs * ew.nodes ** 2, D, live_gram_tiles(ew), sides, 4)
     k_chunk = max(GEMM_STEP, math.ceil(math.ceil(D / splits) / GEMM_STEP) * GEMM_STEP)
     return k_chunk, math.ceil(D / k_chunk)
 
@@ -1247,8 +1248,8 @@ def block_gram(kernel, ew, elem_bytes, sides=2):
     (tj >= ti) that hold a same-graph pair, split-K as gram_splits() picks; 64 threads, per 16-wide
     k-step each does 1024 FFMA (the unit of the k loop). Blocks that exit at once cost 16
     warp-instructions per warp. Loads: 2 L1 wavefronts per LDG (half-warps read 16 consecutive k
-    of two rows); L2 traffic: both 64-row tiles per k-step; DRAM: X read once, the partial tiles
-    written (mirrored) once."""
+    of two rows); L2 traffic: both 64-row tiles per k-step; DRAM: X read once, the packed
+    partials (same-graph entries only) written once per split."""
     loop, u = _gemm_loop(kernel)
     outside = function_outside(kernel, loop)
     N, D = ew.N, ew.dim
@@ -1264,7 +1265,7 @@ def block_gram(kernel, ew, elem_bytes, sides=2):
                      Counter({"total": (tiles * tiles - live) * used * sides * w * 16}))
     cost.l1_wavefronts = 2 * cost.instr.get("op:LDG", 0)
     cost.l2_bytes = live * steps * sides * 2 * GEMM_TILE * GEMM_STEP * elem_bytes
-    cost.dram_bytes = sides * (N * D * elem_bytes + live * used * 2 * GEMM_TILE ** 2 * 4)
+    cost.dram_bytes = sides * (N * D * elem_bytes + used * ew.graphs * ew.nodes ** 2 * 4)
     cost.hot_loops = [loop_summary("per 16-wide k-step", loop, u)]
     cost.notes.append(f"{sides} sides x {live} live tiles of {tiles * (tiles + 1) // 2}, "
                       f"{used} K-splits")
@@ -1337,13 +1338,14 @@ FAMILIES = [
     (r"^norms_kernel$", elementwise(lambda ew: ew.N * 37, "diagonal read, norms written"), "acc"),
     (r"^normalize_kernel$", elementwise(_blocks_bytes(8), "G read and written"), "acc"),
     (r"^edge_loss_rows_kernel$", elementwise(
-        lambda ew: ew.graphs * ew.nodes ** 2 * (8 * gram_chunks(ew)[1] + 8) + ew.N ** 2 * 4,
-        "both sides' Gram partials read, S written and reread, M's whole rows written"), "acc"),
+        lambda ew: ew.graphs * ew.nodes ** 2 * (8 * gram_chunks(ew)[1] + 12),
+        "both sides' packed Gram partials read, S written and reread, M written"), "acc"),
     (r"^sum_rows_kernel$", elementwise(lambda ew: ew.N * 4, "row losses read"), "acc"),
     (r"^factor_kernel$", elementwise(_blocks_bytes(16), "S, E read, S read and written"), "acc"),
     (r"^symmetrize_kernel$", elementwise(_blocks_bytes(12), "G, G^T read, S written"), "acc"),
-    (r"^ranges_from_(host|device)_offsets_kernel$", elementwise(lambda ew: ew.N * 16,
-                                                                "ranges written"), None),
+    (r"^ranges_from_(host|device)_offsets_kernel$", elementwise(lambda ew: ew.N * 24,
+                                                                "ranges, row bases written"),
+     None),
 ]
 
 

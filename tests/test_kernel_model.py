@@ -141,10 +141,12 @@ def test_workload_geometry():
 
 
 def test_gram_splits_and_channel_groups():
-    # both sides' live tiles against two waves of 132 SMs, >= 512 columns per split
-    assert km.gram_splits(2400, 12544, 143, 2, 4) == 1      # 286 blocks already fill them
-    assert km.gram_splits(280, 12544, 11, 2, 4) == 12
-    assert km.gram_splits(280, 1000, 11, 2, 4) == 1          # D // 512
+    # both sides' live tiles against two waves of 132 SMs, >= 512 columns per split, the packed
+    # partials (plane = Sum_g n_g^2 entries per side and split) <= 256 MB
+    assert km.gram_splits(8 * 300 ** 2, 12544, 143, 2, 4) == 1      # 286 blocks fill them
+    assert km.gram_splits(2 * 140 ** 2, 12544, 11, 2, 4) == 12
+    assert km.gram_splits(2 * 140 ** 2, 1000, 11, 2, 4) == 1         # D // 512
+    assert km.gram_splits(1 << 24, 12544, 1, 2, 4) == 2              # 2 x 128 MB
     # live tiles: tile pairs (ti <= tj) holding a row and a column of one graph, brute force
     for graphs, nodes in ((2, 140), (3, 64), (2, 300)):
         ew = km.EdgeWorkload(graphs, nodes)
