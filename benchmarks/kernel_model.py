@@ -21,6 +21,7 @@ benchmarks/roofline.py's. What it does:
        L2      L2->SM bytes / L2 bandwidth
        DRAM    DRAM bytes / (HBM bandwidth x efficiency)
        atomics L2 atomic sector operations / atomic rate
+       tensor  tensor-core multiply-adds / (132 x 512 per clock: mma.sync, an assumption)
    and an op (what benchmarks/bench_ops.py times as one kernel row) is the sum of its kernels, plus
    a gap per launch, or its launches' CPU cost if that is larger.
 
@@ -74,6 +75,9 @@ H100 = {
     "dram_bytes_per_s": roofline.HBM_BYTES_PER_S,
     "dram_efficiency": 0.85,          # KERNELS.md's planning figure for streaming
     "atomic_sector_ops_per_s": 96 * 1.755e9,  # assumption: 96 L2 slices, 1 sector atomic/clock
+    # assumption: mma.sync (wmma) reaches ~half of the 1024 dense 16-bit FMA/clock/SM that
+    # wgmma does on Hopper
+    "mma_sync_fma_per_clock": 512,
     "issue_efficiency": 0.75,         # of the issue slots filled at >= 8 warps per scheduler
     "warps_for_full_issue": 8,        # fewer warps per scheduler scale the efficiency down
     "launch_cpu_us": 4.0,             # host cost of one launch (bounds tiny ops)
@@ -653,6 +657,7 @@ class Cost:
         self.l2_bytes = 0.0
         self.dram_bytes = 0.0
         self.atomic_sector_ops = 0.0
+        self.tensor_fma = 0.0                # multiply-adds on tensor cores
         self.critical_warp_instr = 0.0    # the longest block's warp-instructions
         self.blocks = None                # blocks doing work (a small grid leaves SMs idle)
         self.warps_per_block = 8
@@ -675,6 +680,7 @@ class Cost:
             "L2": 1e6 * self.l2_bytes / m["l2_bytes_per_s"],
             "DRAM": 1e6 * self.dram_bytes / (m["dram_bytes_per_s"] * m["dram_efficiency"]),
             "atomics": 1e6 * self.atomic_sector_ops / m["atomic_sector_ops_per_s"],
+            "tensor": 1e6 * self.tensor_fma / (sms * m["mma_sync_fma_per_clock"] * clk),
         }
         if self.critical_warp_instr:
             # the longest block alone on its SM: 8 warps = 2 per scheduler
@@ -1272,6 +1278,41 @@ def block_gram(kernel, ew, elem_bytes, sides=2):
     return cost
 
 
+MMA_THREADS, MMA_STEP = 128, 32          # block_gram_mma_kernel: 4 warps, 32-wide k-steps
+HMMA_PER_WARP_STEP = 16                   # 2 x 2 fragments x 2 k-halves x 2 HMMA.16816
+HMMA_FMA = 16 * 8 * 16                    # multiply-adds of one HMMA.16816
+
+
+def block_gram_mma(kernel, ew, elem_bytes, sides=2):
+    """Tensor-core Grams of 16-bit features in one launch: the tiles, splits and exits of
+    block_gram; per 32-wide k-step each of the 4 warps issues 16 HMMA.16816 (the unit of the k
+    loop) on fragments loaded from shared memory. Loads: 16-byte chunks, a warp's LDG.128 over
+    8 rows' 64 bytes (8 L1 wavefronts); L2: both 64-row tiles per k-step; DRAM: X read once,
+    the packed partials written once per split."""
+    loop = hottest(kernel.loops, ["HMMA"])
+    u = unit_cost(loop, ["HMMA"], HMMA_PER_WARP_STEP)
+    outside = function_outside(kernel, loop)
+    N, D = ew.N, ew.dim
+    tiles = math.ceil(N / GEMM_TILE)
+    k_chunk, used = gram_chunks(ew, sides)
+    live = live_gram_tiles(ew)
+    steps = sum(math.ceil((min(k0 + k_chunk, D) - k0) / MMA_STEP) for k0 in range(0, D, k_chunk))
+    w = MMA_THREADS // 32
+    cost = Cost(kernel.name, kernel, kernel_occupancy(kernel, MMA_THREADS))
+    cost.blocks, cost.warps_per_block = live * used * sides, w
+    cost.instr = add(scaled(u, live * steps * w * sides),
+                     scaled(outside, live * used * w * sides),
+                     Counter({"total": (tiles * tiles - live) * used * sides * w * 16}))
+    cost.tensor_fma = cost.instr.get("op:HMMA", 0) * HMMA_FMA
+    cost.l1_wavefronts = 8 * cost.instr.get("op:LDG", 0)
+    cost.l2_bytes = live * steps * sides * 2 * GEMM_TILE * MMA_STEP * elem_bytes
+    cost.dram_bytes = sides * (N * D * elem_bytes + used * ew.graphs * ew.nodes ** 2 * 4)
+    cost.hot_loops = [loop_summary("per 32-wide k-step and warp", loop, u)]
+    cost.notes.append(f"{sides} sides x {live} live tiles of {tiles * (tiles + 1) // 2}, "
+                      f"{used} K-splits, {cost.tensor_fma / 1e9:.1f} G tensor multiply-adds")
+    return cost
+
+
 def factor_matmul(kernel, ew, elem_bytes):
     """dX = M X on the diagonal blocks: one block per (64 rows, 64 feature columns), the rows'
     graph columns in 16-wide steps (64 threads, 1024 FFMA per thread per step). 2 L1 wavefronts
@@ -1332,6 +1373,7 @@ FAMILIES = [
                                           "every level gradient written once"), "acc"),
     (r"^cast_levels_kernel$", cast_levels, "T"),
     (r"^block_gram_kernel$", block_gram, "T"),
+    (r"^block_gram_mma_kernel$", block_gram_mma, "T"),
     (r"^block_factor_matmul_kernel$", factor_matmul, "T"),
     (r"^sum_splits_kernel$", elementwise(_blocks_bytes(3 * 4), "2 partials read, 1 written"),
      "acc"),
@@ -1364,11 +1406,13 @@ class Kernels:
     def __init__(self, kernels):
         self.all = kernels
 
-    def find(self, pattern, dtype, cpb=None):
-        """The instantiation for dtype (and, for the backward kernels, channel group cpb)."""
+    def find(self, pattern, dtype, cpb=None, variant=None):
+        """The instantiation for dtype (and, for the backward kernels, channel group cpb; for
+        others a `variant` text of the demangled name, e.g. a bool template argument)."""
         for k in self.all:
             if (re.match(pattern, k.name) and (dtype is None or k.dtype == dtype)
-                    and (cpb is None or k.cpb == cpb)):
+                    and (cpb is None or k.cpb == cpb)
+                    and (variant is None or variant in (k.demangled or ""))):
                 return k
         return None
 
@@ -1379,11 +1423,13 @@ def torch_pass(name, nbytes, launches=1):
     return c
 
 
-def _model_part(kernels, pattern, dtype, wl, elem_bytes, parts, missing, cpb=None):
-    k = kernels.find(pattern, dtype, cpb)
+def _model_part(kernels, pattern, dtype, wl, elem_bytes, parts, missing, cpb=None,
+                variant=None):
+    k = kernels.find(pattern, dtype, cpb, variant)
     if k is None:
         missing.append(f"no kernel matches {pattern} ({dtype}"
-                       + (f", {cpb} channels)" if cpb else ")"))
+                       + (f", {cpb} channels" if cpb else "")
+                       + (f", {variant}" if variant else "") + ")")
         return
     fn, _ = family_of(k)
     try:
@@ -1434,7 +1480,11 @@ def op_edge_loss(kernels, ew, dtype, eb):
     epilogue), the row losses summed; then layout and M X."""
     parts, missing = [], []
     _model_part(kernels, r"^ranges_from_host_offsets_kernel$", None, ew, eb, parts, missing)
-    _model_part(kernels, r"^block_gram_kernel$", dtype, ew, eb, parts, missing)
+    if eb >= 4:
+        _model_part(kernels, r"^block_gram_kernel$", dtype, ew, eb, parts, missing)
+    else:  # tensor cores; D = 12544: the 16-byte staging
+        _model_part(kernels, r"^block_gram_mma_kernel$", dtype, ew, eb, parts, missing,
+                    variant="true>")
     _model_part(kernels, r"^edge_loss_rows_kernel$", "float32", ew, eb, parts, missing)
     _model_part(kernels, r"^sum_rows_kernel$", "float32", ew, eb, parts, missing)
     _model_part(kernels, r"^ranges_from_host_offsets_kernel$", None, ew, eb, parts, missing)
@@ -1474,7 +1524,8 @@ def model_ops(kernels, log=print):
                 parts, missing = fn(kernels, w, dtype, eb)
                 t, launches = op_time_us(parts)
                 floor = (floor_fn(batch, rois, eb) if kind == "roi"
-                         else roofline.edge_loss_floor_us(batch, nodes, ew.dim, eb))
+                         else roofline.edge_loss_floor_us(batch, nodes, ew.dim, eb,
+                                                          tensor_cores=eb < 4))
                 main = max((p for p in parts if p.kernel is not None), default=None,
                            key=lambda p: p.time_us())
                 row = {"kernel": op, "dtype": dtype, "batch": batch,
@@ -1635,7 +1686,7 @@ def markdown(result):
     return "\n".join(lines) + "\n"
 
 
-TERMS = ("issue", "smem", "L1", "L2", "DRAM", "atomics", "longest block")
+TERMS = ("issue", "smem", "L1", "L2", "DRAM", "atomics", "tensor", "longest block")
 
 
 def nvcc_version(nvcc):

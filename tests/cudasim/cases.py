@@ -545,6 +545,15 @@ def test_edges_dtypes(s_dtype, t_dtype):
     edge_check([4, 7], 24, s_dtype, t_dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_edges_tensor_cores(dtype):
+    """The 16-bit Grams run on tensor cores (wmma): tiles off the diagonal, graphs across tile
+    edges, rows staged 16 bytes at a time (D % 8 == 0) or one value at a time, split K."""
+    edge_check(GRAPHS["tile_edges"], 40, dtype)
+    edge_check([3, 70], 37, dtype)
+    edge_check([40], 1040, dtype)
+
+
 @pytest.mark.parametrize("counts", [[], [0, 0]])
 def test_edges_no_nodes_mixed_dtypes(counts):
     """N = 0 with a float16 student and a float64 teacher (every op and both offset places)."""

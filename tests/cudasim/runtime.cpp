@@ -97,6 +97,7 @@ struct Fiber {
   WarpOp op = WarpOp::Sync;
   unsigned mask = 0;
   uint64_t value = 0, result = 0;
+  uint64_t gathered[32] = {};  // WarpOp::Gather's result
   int arg = 0, width = 32;
   unsigned barriers = 0, collectives = 0;  // passed so far in this block (sync-address parity)
 #if CUDASIM_TSAN
@@ -330,6 +331,7 @@ const char* op_name(WarpOp op) {
     case WarpOp::ShflUp: return "__shfl_up_sync";
     case WarpOp::ShflDown: return "__shfl_down_sync";
     case WarpOp::ShflXor: return "__shfl_xor_sync";
+    case WarpOp::Gather: return "warp-wide matrix operation (wmma)";
   }
   return "?";
 }
@@ -408,8 +410,12 @@ bool complete_warp_collectives(std::string* error) {
           src = l ^ (g.arg & 31);
           if (src >= seg + w) src = l;
           break;
+        case WarpOp::Gather:
+          for (int m = 0; m < 32; ++m)
+            g.gathered[m] = (f.mask >> m & 1u) ? r.fibers[warp_first + m].value : g_run.rng();
+          break;
       }
-      if (g.op >= WarpOp::Shfl) {
+      if (g.op >= WarpOp::Shfl && g.op <= WarpOp::ShflXor) {
         // reading a lane outside the mask is undefined in CUDA: garbage here
         g.result = (f.mask >> src & 1u) ? r.fibers[warp_first + src].value : g_run.rng();
       }
@@ -742,6 +748,11 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int 
   __tsan_acquire(sync);
 #endif
   return f->result;
+}
+
+void warp_gather(unsigned mask, uint64_t value, uint64_t (&all)[32], const char* file, int line) {
+  warp_collective(WarpOp::Gather, mask, value, 0, 32, file, line);
+  std::memcpy(all, g_run.current->gathered, sizeof all);
 }
 
 void report_device_error(const char* what, const char* file, int line) {

@@ -131,9 +131,10 @@ def _shared(text, path, site_base):
     def rewrite(m):
         ext, align, typ, name, dims = (m.group(1), m.group(2), m.group(3).strip(), m.group(4),
                                        m.group(5))
-        if align and int(align) > 16:  # the executor's shared allocations are 16-byte aligned
+        if align and (int(align) & (int(align) - 1) or int(align) > (16 if ext else 256)):
+            # dynamic shared memory is 16-byte aligned, static allocations as asked
             raise TranslationError(f"{path}:{_line_of(text, m.start())}: __align__({align}) "
-                                   "above 16 is not supported")
+                                   "is not supported here")
         if re.search(r"\bstatic\s*$", text[max(0, m.start() - 20):m.start()]):
             raise TranslationError(f"{path}:{_line_of(text, m.start())}: static __shared__")
         if "\n" in m.group(0):
@@ -145,7 +146,8 @@ def _shared(text, path, site_base):
                                        "must be an unsized array")
             return f"{typ}* {name} = ::cudasim::dynamic_shared<{typ}>();"
         counter[0] += 1
-        return f"auto& {name} = ::cudasim::static_shared<{typ}{dims}>({counter[0]});"
+        aligned = f", {align}" if align else ""
+        return f"auto& {name} = ::cudasim::static_shared<{typ}{dims}{aligned}>({counter[0]});"
 
     text = _SHARED.sub(rewrite, text)
     left = re.search(r"__shared__", text)

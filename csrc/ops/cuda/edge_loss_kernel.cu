@@ -16,9 +16,11 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <mma.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <utility>
 
 #include "../edge_loss.h"
@@ -264,6 +266,136 @@ block_gram_kernel(const T* __restrict__ x0, const T* __restrict__ x1, int64_t N,
   }
 }
 
+// Tensor-core Gram of 16-bit features (wmma 16 x 16 x 16, float accumulation): the product of
+// two half / bfloat16 values is exact in float, so only the order of the sums differs from
+// block_gram_kernel. Same grid, tiles and output as there; 4 warps per 64 x 64 tile, each a
+// 32 x 32 quarter (2 x 2 fragments); K in steps of 32 staged as 16-bit rows; the finished tile
+// passes through shared memory so that only its same-graph entries are written (and mirrored).
+
+template <typename T>
+struct WmmaType;
+template <>
+struct WmmaType<at::Half> { using type = __half; };
+template <>
+struct WmmaType<at::BFloat16> { using type = __nv_bfloat16; };
+
+constexpr int kMmaThreads = 128;
+constexpr int kMmaStepK = 32;
+constexpr int kMmaRow = kMmaStepK + 8;  // 80-byte staged rows: a multiple of 16 bytes (wmma's
+                                        // ldm) whose 8-row groups fall on distinct banks
+
+template <typename T, bool kVectors>
+__global__ void __launch_bounds__(kMmaThreads)
+block_gram_mma_kernel(const T* __restrict__ x0, const T* __restrict__ x1, int64_t N, int64_t D,
+                      int64_t splits, int64_t k_chunk, const int64_t* __restrict__ ranges,
+                      const int64_t* __restrict__ row_base, int64_t plane,
+                      float* __restrict__ out) {
+  namespace wmma = nvcuda::wmma;
+  using W = typename WmmaType<T>::type;
+  const int64_t ti = blockIdx.y, tj = blockIdx.x;
+  if (tj < ti) return;
+  const int64_t r0 = ti * kTile, c0 = tj * kTile;
+  const int64_t r_last = min(r0 + kTile, N) - 1;
+  if (c0 >= ranges[2 * r_last + 1]) return;  // no same-graph pair (see block_gram_kernel)
+  const T* __restrict__ x = blockIdx.z < splits ? x0 : x1;
+  const int64_t k_begin = (blockIdx.z % splits) * k_chunk;
+  const int64_t k_end = min(k_begin + k_chunk, D);
+  __shared__ __align__(32) T staged[2][kTile][kMmaRow];  // [0]: rows r0 + m, [1]: rows c0 + m
+  __shared__ __align__(32) float tile[kTile][kTile + kTilePad];
+  const int warp = threadIdx.x / 32;
+  const int wr = (warp / 2) * 32, wc = (warp % 2) * 32;  // the warp's quarter of the tile
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int b = 0; b < 2; ++b) wmma::fill_fragment(acc[a][b], 0.0f);
+  // staging: 16-byte chunks (8 values) of both tiles' 64 rows x kMmaStepK values; chunk
+  // q = threadIdx.x + kMmaThreads i, 4 to a row, so one warp's loads cover 8 rows' 64 bytes.
+  // kVectors (D % 8 == 0, 16-byte aligned rows; k_chunk and the steps are multiples of 8): a
+  // chunk is whole or zero; otherwise value by value.
+  constexpr int kChunksPerRow = kMmaStepK / 8;
+  constexpr int kChunksPerThread = 2 * kTile * kChunksPerRow / kMmaThreads;
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kMmaStepK) {
+    const int k_left = static_cast<int>(min(k_end - k0, int64_t(kMmaStepK)));
+#pragma unroll
+    for (int i = 0; i < kChunksPerThread; ++i) {
+      const int q = threadIdx.x + kMmaThreads * i;
+      const int side = q / (kTile * kChunksPerRow), m = (q / kChunksPerRow) % kTile;
+      const int c = (q % kChunksPerRow) * 8;
+      const int64_t row = (side ? c0 : r0) + m;
+      T* dst = &staged[side][m][c];
+      if (kVectors) {
+        uint4 v = {0, 0, 0, 0};
+        if (row < N && c < k_left) v = *reinterpret_cast<const uint4*>(x + row * D + k0 + c);
+        *reinterpret_cast<uint4*>(dst) = v;
+      } else {
+#pragma unroll
+        for (int v = 0; v < 8; ++v)
+          dst[v] = (row < N && c + v < k_left) ? x[row * D + k0 + c + v] : T(0);
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kMmaStepK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::col_major> fb[2];  // X^T: rows of X
+#pragma unroll
+      for (int a = 0; a < 2; ++a)
+        wmma::load_matrix_sync(fa[a], reinterpret_cast<const W*>(&staged[0][wr + 16 * a][kk]),
+                               kMmaRow);
+#pragma unroll
+      for (int b = 0; b < 2; ++b)
+        wmma::load_matrix_sync(fb[b], reinterpret_cast<const W*>(&staged[1][wc + 16 * b][kk]),
+                               kMmaRow);
+#pragma unroll
+      for (int a = 0; a < 2; ++a)
+#pragma unroll
+        for (int b = 0; b < 2; ++b) wmma::mma_sync(acc[a][b], fa[a], fb[b], acc[a][b]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int b = 0; b < 2; ++b)
+      wmma::store_matrix_sync(&tile[wr + 16 * a][wc + 16 * b], acc[a][b], kTile + kTilePad,
+                              wmma::mem_row_major);
+  __syncthreads();
+  float* o = out + blockIdx.z * plane;
+  for (int e = threadIdx.x; e < kTile * kTile; e += kMmaThreads) {
+    const int64_t row = r0 + e / kTile, col = c0 + e % kTile;
+    if (row >= N) break;  // rows grow with e
+    const int64_t start = ranges[2 * row], end = ranges[2 * row + 1];
+    if (col < start || col >= end) continue;
+    const int64_t base = entry_base(row_base, row, N), ld = row_base ? end - start : N;
+    const float v = tile[e / kTile][e % kTile];
+    o[base + col] = v;
+    if (ti != tj) o[base + (col - row) * ld + row] = v;
+  }
+}
+
+// One launch of the Gram kernel for T: tensor cores for the 16-bit types, FMA otherwise.
+template <typename T, typename acc_t>
+void launch_block_gram(const dim3& grid, const at::cuda::CUDAStream& stream, const T* x0,
+                       const T* x1, int64_t N, int64_t D, int64_t splits, int64_t k_chunk,
+                       const int64_t* ranges, const int64_t* row_base, int64_t plane,
+                       acc_t* out) {
+  if constexpr (std::is_same<T, at::Half>::value || std::is_same<T, at::BFloat16>::value) {
+    const bool vectors = D % 8 == 0 && reinterpret_cast<uintptr_t>(x0) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(x1) % 16 == 0;
+    if (vectors)
+      block_gram_mma_kernel<T, true><<<grid, kMmaThreads, 0, stream>>>(
+          x0, x1, N, D, splits, k_chunk, ranges, row_base, plane, out);
+    else
+      block_gram_mma_kernel<T, false><<<grid, kMmaThreads, 0, stream>>>(
+          x0, x1, N, D, splits, k_chunk, ranges, row_base, plane, out);
+  } else {
+    block_gram_kernel<T, acc_t><<<grid, GemmShape<acc_t>::kThreads, 0, stream>>>(
+        x0, x1, N, D, splits, k_chunk, ranges, row_base, plane, out);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // out[i, j] = sum over splits s (in order) of partial[s, i, j], on the diagonal blocks.
 template <typename acc_t>
 __global__ void sum_splits_kernel(const acc_t* __restrict__ partial, int64_t splits, int64_t N,
@@ -424,11 +556,10 @@ at::Tensor gram_cuda(const at::Tensor& x_in, const GraphLayout& layout, at::Scal
     at::Tensor partial = used == 1 ? gram : at::empty({used, N, N}, gram.options());
     const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(tiles),
                     static_cast<unsigned>(used));
-    block_gram_kernel<scalar_t, acc_t><<<grid, GemmShape<acc_t>::kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), N, D, used, k_chunk,
-        layout.ranges.data_ptr<int64_t>(), /*row_base=*/nullptr, N * N,
-        partial.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_block_gram<scalar_t, acc_t>(grid, stream, x.data_ptr<scalar_t>(),
+                                       x.data_ptr<scalar_t>(), N, D, used, k_chunk,
+                                       layout.ranges.data_ptr<int64_t>(), /*row_base=*/nullptr,
+                                       N * N, partial.data_ptr<acc_t>());
     if (used > 1) {
       sum_splits_kernel<acc_t><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
           partial.data_ptr<acc_t>(), used, N, layout.ranges.data_ptr<int64_t>(),
@@ -691,11 +822,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_mse_loss_fused_cuda(
       at::Tensor partial = at::empty({2, used, layout.size}, acc_options);
       const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(tiles),
                       static_cast<unsigned>(2 * used));
-      block_gram_kernel<scalar_t, acc_t><<<grid, GemmShape<acc_t>::kThreads, 0, stream>>>(
-          xs.data_ptr<scalar_t>(), xt.data_ptr<scalar_t>(), N, D, used, k_chunk,
-          layout.ranges.data_ptr<int64_t>(), row_base_of(layout), layout.size,
-          partial.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_block_gram<scalar_t, acc_t>(grid, stream, xs.data_ptr<scalar_t>(),
+                                         xt.data_ptr<scalar_t>(), N, D, used, k_chunk,
+                                         layout.ranges.data_ptr<int64_t>(), row_base_of(layout),
+                                         layout.size, partial.data_ptr<acc_t>());
       edge_loss_rows_kernel<acc_t><<<grid_for(N, 1), kThreads, 0, stream>>>(
           partial.data_ptr<acc_t>(), used, layout.size, N, layout.ranges.data_ptr<int64_t>(),
           row_base_of(layout), static_cast<acc_t>(eps), zero_dead_rows,

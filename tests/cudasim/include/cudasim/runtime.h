@@ -20,6 +20,10 @@ struct uint3 {
   unsigned x, y, z;
 };
 
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+
 struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
@@ -79,9 +83,10 @@ void launch(const KernelInfo& info, void (*kernel)(P...), const LaunchConfig& cf
 void* shared_allocation(int site, size_t type_hash, size_t bytes, size_t align);
 void* dynamic_shared_allocation();
 
-template <typename T>
+template <typename T, size_t Align = alignof(T)>  // Align: the declaration's __align__
 T& static_shared(int site) {
-  return *static_cast<T*>(shared_allocation(site, typeid(T).hash_code(), sizeof(T), alignof(T)));
+  constexpr size_t align = Align > alignof(T) ? Align : alignof(T);
+  return *static_cast<T*>(shared_allocation(site, typeid(T).hash_code(), sizeof(T), align));
 }
 template <typename T>
 T* dynamic_shared() {
@@ -90,9 +95,12 @@ T* dynamic_shared() {
 
 // --- barriers and warp collectives (file/line of the call: the source's, via #line) ---
 void syncthreads(const char* file, int line);
-enum class WarpOp { Sync, Ballot, Any, All, Shfl, ShflUp, ShflDown, ShflXor };
+enum class WarpOp { Sync, Ballot, Any, All, Shfl, ShflUp, ShflDown, ShflXor, Gather };
 uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int width,
                          const char* file, int line);
+// Every lane of `mask` gets all[l] = lane l's value (garbage for lanes outside the mask): the
+// emulated tensor-core operations (include/mma.h) exchange their fragments' addresses with it.
+void warp_gather(unsigned mask, uint64_t value, uint64_t (&all)[32], const char* file, int line);
 void report_device_error(const char* what, const char* file, int line);
 
 template <typename T>
