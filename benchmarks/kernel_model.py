@@ -21,7 +21,8 @@ benchmarks/roofline.py's. What it does:
        L2      L2->SM bytes / L2 bandwidth
        DRAM    DRAM bytes / (HBM bandwidth x efficiency)
        atomics L2 atomic sector operations / atomic rate
-       tensor  tensor-core multiply-adds / (132 x 512 per clock: mma.sync, an assumption)
+       tensor  tensor-core multiply-adds / (132 x 512 per clock: mma.sync, an assumption;
+               TF32 counts double)
    and an op (what benchmarks/bench_ops.py times as one kernel row) is the sum of its kernels, plus
    a gap per launch, or its launches' CPU cost if that is larger.
 
@@ -1339,6 +1340,41 @@ def factor_matmul(kernel, ew, elem_bytes):
     return cost
 
 
+TF32_STEP = 32                            # block_factor_matmul_tf32_kernel's column steps
+HMMA_TF32_PER_WARP_STEP = 64              # 2 x 2 fragments x 4 k-eighths x 4 HMMA.1684
+HMMA_TF32_FMA = 16 * 8 * 4 * 2            # m16n8k4 at half the 16-bit rate: 16-bit equivalents
+
+
+def factor_matmul_tf32(kernel, ew, elem_bytes):
+    """dX = M X for 16-bit features on tensor cores: the blocks and column steps of
+    factor_matmul in 32-wide steps; per step each of the 4 warps issues 64 HMMA.1684.TF32 (the
+    unit of the loop), TF32 at half the 16-bit tensor rate. Loads: a warp's M loads touch 32
+    rows (2 L1 wavefronts per LDG as in factor_matmul), X's 32 consecutive values one line; L2:
+    the M (fp32) and X tiles per step; DRAM: X read, dX written, M's blocks read once."""
+    loop = hottest(kernel.loops, ["HMMA"])
+    u = unit_cost(loop, ["HMMA"], HMMA_TF32_PER_WARP_STEP)
+    outside = function_outside(kernel, loop)
+    N, D = ew.N, ew.dim
+    col_blocks = math.ceil(D / GEMM_TILE)
+    steps = 0
+    for r0 in range(0, N, GEMM_TILE):
+        r_last = min(r0 + GEMM_TILE, N) - 1
+        steps += math.ceil((ew.graph_end(r_last) - ew.graph_start(r0)) / TF32_STEP)
+    blocks = col_blocks * math.ceil(N / GEMM_TILE)
+    w = MMA_THREADS // 32
+    cost = Cost(kernel.name, kernel, kernel_occupancy(kernel, MMA_THREADS))
+    cost.blocks, cost.warps_per_block = blocks, w
+    cost.instr = add(scaled(u, steps * col_blocks * w), scaled(outside, blocks * w))
+    cost.tensor_fma = cost.instr.get("op:HMMA", 0) * HMMA_TF32_FMA
+    cost.l1_wavefronts = 2 * cost.instr.get("op:LDG", 0)
+    cost.l2_bytes = steps * col_blocks * TF32_STEP * GEMM_TILE * (4 + elem_bytes)
+    cost.dram_bytes = 2 * N * D * elem_bytes + ew.graphs * ew.nodes ** 2 * 4
+    cost.hot_loops = [loop_summary("per 32-wide step and warp", loop, u)]
+    cost.notes.append(f"{blocks} blocks, {cost.tensor_fma / 1e9:.1f} G 16-bit-equivalent tensor "
+                      f"multiply-adds")
+    return cost
+
+
 def elementwise(nbytes_fn, what):
     """Edge-loss epilogues and layout kernels: memory-bound elementwise passes over the
     diagonal blocks, modelled by the bytes they move (nbytes_fn(workload))."""
@@ -1375,6 +1411,7 @@ FAMILIES = [
     (r"^block_gram_kernel$", block_gram, "T"),
     (r"^block_gram_mma_kernel$", block_gram_mma, "T"),
     (r"^block_factor_matmul_kernel$", factor_matmul, "T"),
+    (r"^block_factor_matmul_tf32_kernel$", factor_matmul_tf32, "T"),
     (r"^sum_splits_kernel$", elementwise(_blocks_bytes(3 * 4), "2 partials read, 1 written"),
      "acc"),
     (r"^norms_kernel$", elementwise(lambda ew: ew.N * 37, "diagonal read, norms written"), "acc"),
@@ -1488,7 +1525,8 @@ def op_edge_loss(kernels, ew, dtype, eb):
     _model_part(kernels, r"^edge_loss_rows_kernel$", "float32", ew, eb, parts, missing)
     _model_part(kernels, r"^sum_rows_kernel$", "float32", ew, eb, parts, missing)
     _model_part(kernels, r"^ranges_from_host_offsets_kernel$", None, ew, eb, parts, missing)
-    _model_part(kernels, r"^block_factor_matmul_kernel$", dtype, ew, eb, parts, missing)
+    matmul = r"^block_factor_matmul_kernel$" if eb >= 4 else r"^block_factor_matmul_tf32_kernel$"
+    _model_part(kernels, matmul, dtype, ew, eb, parts, missing)
     return parts, missing
 
 

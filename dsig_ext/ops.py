@@ -245,7 +245,10 @@ def edge_mse_loss(student: torch.Tensor, teacher: torch.Tensor, offsets: torch.T
     or when ``check_inputs=False``; the op is then CUDA-graph capturable (the captured graph keeps
     the offsets it was captured with). Offsets on the GPU with ``check_inputs=True`` cost one
     read-back to validate them. The products accumulate in fp32 (fp64 for float64) without
-    cuBLAS: ``allow_tf32`` does not change them, and they are bitwise reproducible.
+    cuBLAS: ``allow_tf32`` does not change them, and they are bitwise reproducible. float16 and
+    bfloat16 features (autocast training) run on tensor cores: the Grams exactly (16-bit
+    products are exact in fp32), the backward's ``M X`` with M rounded to TF32 (10 mantissa
+    bits, finer than the 16-bit gradient it yields); float32 stays exact.
 
     Memory: the factors M saved for the backward are packed per graph, ``Sum_g n_g^2`` entries
     each (16 graphs of 300 nodes: 5.8 MB in fp32, not the 92 MB of a [4800, 4800] matrix), when

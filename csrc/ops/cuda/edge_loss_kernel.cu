@@ -6,8 +6,10 @@
 //               binary search;
 //   products    tiled block-diagonal kernels for the Gram X X^T and for M X: tiles that hold no
 //               same-graph pair exit at once; fp32 (fp64 for double) FMA accumulation, inputs
-//               read in their own dtype; split-K partials summed in a fixed order. No cuBLAS:
-//               results do not depend on allow_tf32, and are bitwise reproducible;
+//               read in their own dtype; split-K partials summed in a fixed order. Half and
+//               bfloat16 features run on tensor cores (wmma, fp32 accumulation): the Gram
+//               exactly (16-bit products are exact in fp32), M X with M rounded to TF32. No
+//               cuBLAS: results do not depend on allow_tf32, and are bitwise reproducible;
 //   epilogues   one block per row i, its threads over the columns of i's graph; row reductions
 //               use a fixed-shape tree. edge_mse_loss fuses its epilogues into one row kernel
 //               and its two Grams into one launch (four launches in all, "the edge loss, fused").
@@ -489,6 +491,107 @@ block_factor_matmul_kernel(const acc_t* __restrict__ m, const T* __restrict__ x,
   }
 }
 
+// dX for 16-bit features on tensor cores (wmma 16 x 16 x 8, TF32 inputs, float accumulation):
+// M rounded to TF32 (10 mantissa bits), X exact in TF32 (half and bfloat16 significands fit), so
+// dX, rounded to T at the end, keeps T's precision. Grid and tiles as block_factor_matmul_kernel;
+// 4 warps, each a 32 x 32 quarter; the rows' graph columns in steps of 32 staged as floats; the
+// finished tile passes through shared memory to be scaled and written in T.
+constexpr int kTf32StepK = 32;
+
+template <typename T>
+__global__ void __launch_bounds__(kMmaThreads)
+block_factor_matmul_tf32_kernel(const float* __restrict__ m, const T* __restrict__ x, int64_t N,
+                                int64_t D, const int64_t* __restrict__ ranges,
+                                const int64_t* __restrict__ row_base, DeviceScalar scale,
+                                T* __restrict__ dx) {
+  namespace wmma = nvcuda::wmma;
+  const int64_t r0 = int64_t(blockIdx.y) * kTile, d0 = int64_t(blockIdx.x) * kTile;
+  const int64_t r_last = min(r0 + kTile, N) - 1;
+  const int64_t j_begin = ranges[2 * r0], j_end = ranges[2 * r_last + 1];
+  __shared__ __align__(32) float ms[kTf32StepK][kTile + kTilePad];  // ms[k][r] = M[r0 + r, j0 + k]
+  __shared__ __align__(32) float xs[kTf32StepK][kTile + kTilePad];  // xs[k][d] = X[j0 + k, d0 + d]
+  __shared__ __align__(32) float tile[kTile][kTile + kTilePad];
+  const int warp = threadIdx.x / 32;
+  const int wr = (warp / 2) * 32, wc = (warp % 2) * 32;  // the warp's quarter of the tile
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[2][2];
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int b = 0; b < 2; ++b) wmma::fill_fragment(acc[a][b], 0.0f);
+  // staging: thread t copies 16 consecutive columns of M's row r0 + t % 64 (its graph's only)
+  // and 16 rows of X's column d0 + t % 64; shared stores along the tile's 64: conflict free
+  constexpr int kPerThread = kTf32StepK * kTile / kMmaThreads;
+  const int lane = threadIdx.x % kTile, kq = (threadIdx.x / kTile) * kPerThread;
+  const bool x_col = d0 + lane < D;
+  const int64_t m_row = r0 + lane;
+  int64_t m_start = 0, m_end = 0;
+  const float* __restrict__ m_src = m;
+  if (m_row < N) {
+    m_start = ranges[2 * m_row];
+    m_end = ranges[2 * m_row + 1];
+    m_src = m + entry_base(row_base, m_row, N) + kq;
+  }
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += kTf32StepK) {
+    const int k_left = static_cast<int>(min(j_end - j0, int64_t(kTf32StepK))) - kq;
+    const int64_t m_lo = m_start - j0 - kq, m_hi = m_end - j0 - kq;  // valid: m_lo <= i < m_hi
+    const T* __restrict__ x_src = x + (j0 + kq) * D + d0 + lane;
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      ms[kq + i][lane] = (i >= m_lo && i < m_hi) ? m_src[j0 + i] : 0.0f;
+      xs[kq + i][lane] = (x_col && i < k_left) ? static_cast<float>(*x_src) : 0.0f;
+      x_src += D;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kTf32StepK; kk += 8) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fb[2];
+#pragma unroll
+      for (int a = 0; a < 2; ++a) {
+        wmma::load_matrix_sync(fa[a], &ms[kk][wr + 16 * a], kTile + kTilePad);
+#pragma unroll
+        for (int e = 0; e < fa[a].num_elements; ++e) fa[a].x[e] = wmma::__float_to_tf32(fa[a].x[e]);
+      }
+#pragma unroll
+      for (int b = 0; b < 2; ++b)  // X's values are TF32 already
+        wmma::load_matrix_sync(fb[b], &xs[kk][wc + 16 * b], kTile + kTilePad);
+#pragma unroll
+      for (int a = 0; a < 2; ++a)
+#pragma unroll
+        for (int b = 0; b < 2; ++b) wmma::mma_sync(acc[a][b], fa[a], fb[b], acc[a][b]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int b = 0; b < 2; ++b)
+      wmma::store_matrix_sync(&tile[wr + 16 * a][wc + 16 * b], acc[a][b], kTile + kTilePad,
+                              wmma::mem_row_major);
+  __syncthreads();
+  const float s = load_scalar<float>(scale);
+  for (int e = threadIdx.x; e < kTile * kTile; e += kMmaThreads) {
+    const int64_t row = r0 + e / kTile, col = d0 + e % kTile;
+    if (row >= N) break;  // rows grow with e
+    if (col < D) dx[row * D + col] = static_cast<T>(s * tile[e / kTile][e % kTile]);
+  }
+}
+
+// One launch of the M X kernel for T: tensor cores (TF32) for the 16-bit types, FMA otherwise.
+template <typename T, typename acc_t>
+void launch_factor_matmul(const dim3& grid, const at::cuda::CUDAStream& stream, const acc_t* m,
+                          const T* x, int64_t N, int64_t D, const int64_t* ranges,
+                          const int64_t* row_base, DeviceScalar scale, T* dx) {
+  if constexpr (std::is_same<T, at::Half>::value || std::is_same<T, at::BFloat16>::value) {
+    block_factor_matmul_tf32_kernel<T><<<grid, kMmaThreads, 0, stream>>>(m, x, N, D, ranges,
+                                                                         row_base, scale, dx);
+  } else {
+    block_factor_matmul_kernel<T, acc_t><<<grid, GemmShape<acc_t>::kThreads, 0, stream>>>(
+        m, x, N, D, ranges, row_base, scale, dx);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Gram tiles (ti <= tj) that hold a same-graph pair: counted from host offsets, estimated from
 // N and G where the offsets live on the device.
 int64_t live_gram_tiles(const GraphLayout& layout, int64_t N, int64_t G) {
@@ -588,12 +691,10 @@ at::Tensor factor_matmul_cuda(const at::Tensor& factor_in, const at::Tensor& x_i
     TORCH_CHECK(factor.scalar_type() == at::CppTypeToScalarType<acc_t>::value,
                 "edge_mse_loss backward: factor must be ", at::CppTypeToScalarType<acc_t>::value,
                 " for ", x.scalar_type(), " features, got ", factor.scalar_type());
-    block_factor_matmul_kernel<scalar_t, acc_t><<<grid, GemmShape<acc_t>::kThreads, 0, stream>>>(
-        factor.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), N, D,
-        layout.ranges.data_ptr<int64_t>(),
-        row_base_of(layout), device_scalar(scale),
-        dx.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_factor_matmul<scalar_t, acc_t>(grid, stream, factor.data_ptr<acc_t>(),
+                                          x.data_ptr<scalar_t>(), N, D,
+                                          layout.ranges.data_ptr<int64_t>(), row_base_of(layout),
+                                          device_scalar(scale), dx.data_ptr<scalar_t>());
   });
   return dx.to(dtype);
 }
