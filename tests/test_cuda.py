@@ -347,6 +347,22 @@ def _edge_run(xs, xt, offsets, device, **kw):
 
 
 @requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_edge_loss_cuda_half_types_on_tensor_cores(dtype):
+    """16-bit features take the tensor-core kernels (Grams exact in fp32, M X with M in TF32):
+    the GPU agrees with the CPU on the same 16-bit inputs (computed in fp32) to the 16-bit
+    results' precision; graphs span several 64-row tiles, D splits K."""
+    xs, xt, offsets = _edge_case([140, 90, 300, 1], dim=2056, dtype=dtype)
+    gpu = _edge_run(xs, xt, offsets, "cuda")
+    cpu = _edge_run(xs, xt, offsets, "cpu")
+    for name, a, b in zip(("loss", "grad student", "grad teacher", "edges", "edges grad"), gpu,
+                          cpu):
+        scale = b.float().abs().max().item()
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-2 * scale + 1e-6, rtol=1e-2,
+                                   msg=lambda m: f"{name} ({dtype}): {m}")
+
+
+@requires_cuda
 def test_edge_loss_cuda_device_offsets_and_many_graphs():
     """Offsets on the GPU (layout by binary search) and on the host with more graphs than one
     launch carries (chunked), empty graphs included, all equal the CPU results."""
