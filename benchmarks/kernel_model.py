@@ -1242,6 +1242,21 @@ def gram_chunks(ew, sides=2):
     return k_chunk, math.ceil(D / k_chunk)
 
 
+def k_steps(D, k_chunk, step):
+    """Steps of `step` columns over D, each K split of k_chunk columns stepping on its own."""
+    return sum(math.ceil((min(k0 + k_chunk, D) - k0) / step) for k0 in range(0, D, k_chunk))
+
+
+def graph_column_steps(ew, step):
+    """Steps of `step` columns of the M X kernels, over all 64-row blocks: a block steps over
+    the columns of its rows' graphs."""
+    steps = 0
+    for r0 in range(0, ew.N, GEMM_TILE):
+        r_last = min(r0 + GEMM_TILE, ew.N) - 1
+        steps += math.ceil((ew.graph_end(r_last) - ew.graph_start(r0)) / step)
+    return steps
+
+
 def _gemm_loop(kernel):
     loop = hottest(kernel.loops, ["FFMA", "HMMA"])
     per_step = GEMM_TILE * GEMM_TILE * GEMM_STEP // GEMM_THREADS  # FMAs/thread per 16-wide step
@@ -1263,7 +1278,7 @@ def block_gram(kernel, ew, elem_bytes, sides=2):
     tiles = math.ceil(N / GEMM_TILE)
     k_chunk, used = gram_chunks(ew, sides)
     live = live_gram_tiles(ew)
-    steps = sum(math.ceil((min(k0 + k_chunk, D) - k0) / GEMM_STEP) for k0 in range(0, D, k_chunk))
+    steps = k_steps(D, k_chunk, GEMM_STEP)
     cost = Cost(kernel.name, kernel, kernel_occupancy(kernel, GEMM_THREADS))
     cost.blocks = live * used * sides
     w = GEMM_WARPS
@@ -1297,7 +1312,7 @@ def block_gram_mma(kernel, ew, elem_bytes, sides=2):
     tiles = math.ceil(N / GEMM_TILE)
     k_chunk, used = gram_chunks(ew, sides)
     live = live_gram_tiles(ew)
-    steps = sum(math.ceil((min(k0 + k_chunk, D) - k0) / MMA_STEP) for k0 in range(0, D, k_chunk))
+    steps = k_steps(D, k_chunk, MMA_STEP)
     w = MMA_THREADS // 32
     cost = Cost(kernel.name, kernel, kernel_occupancy(kernel, MMA_THREADS))
     cost.blocks, cost.warps_per_block = live * used * sides, w
@@ -1323,10 +1338,7 @@ def factor_matmul(kernel, ew, elem_bytes):
     outside = function_outside(kernel, loop)
     N, D = ew.N, ew.dim
     col_blocks = math.ceil(D / GEMM_TILE)
-    steps = 0
-    for r0 in range(0, N, GEMM_TILE):
-        r_last = min(r0 + GEMM_TILE, N) - 1
-        steps += math.ceil((ew.graph_end(r_last) - ew.graph_start(r0)) / GEMM_STEP)
+    steps = graph_column_steps(ew, GEMM_STEP)
     blocks = col_blocks * math.ceil(N / GEMM_TILE)
     cost = Cost(kernel.name, kernel, kernel_occupancy(kernel, GEMM_THREADS))
     cost.blocks = blocks
@@ -1356,10 +1368,7 @@ def factor_matmul_tf32(kernel, ew, elem_bytes):
     outside = function_outside(kernel, loop)
     N, D = ew.N, ew.dim
     col_blocks = math.ceil(D / GEMM_TILE)
-    steps = 0
-    for r0 in range(0, N, GEMM_TILE):
-        r_last = min(r0 + GEMM_TILE, N) - 1
-        steps += math.ceil((ew.graph_end(r_last) - ew.graph_start(r0)) / TF32_STEP)
+    steps = graph_column_steps(ew, TF32_STEP)
     blocks = col_blocks * math.ceil(N / GEMM_TILE)
     w = MMA_THREADS // 32
     cost = Cost(kernel.name, kernel, kernel_occupancy(kernel, MMA_THREADS))

@@ -123,7 +123,7 @@ GraphLayout layout_cuda(const at::Tensor& offsets, int64_t num_rows, const at::D
     int64_t* row_base = packed ? layout.row_base.data_ptr<int64_t>() : nullptr;
     layout.offsets = host_offsets(offsets, num_rows, op);
     const std::vector<int64_t> block = packed_block_starts(layout.offsets);
-    layout.size = block.back();
+    if (packed) layout.size = block.back();
     const int64_t G = static_cast<int64_t>(layout.offsets.size()) - 1;
     for (int64_t g0 = 0; g0 < G; g0 += kOffsetsPerLaunch) {
       OffsetsChunk chunk;
@@ -137,7 +137,7 @@ GraphLayout layout_cuda(const at::Tensor& offsets, int64_t num_rows, const at::D
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   } else {
-    layout.size = num_rows * num_rows;
+    if (packed) layout.size = num_rows * num_rows;
     if (num_rows > 0) {
       const at::Tensor o = offsets.to(at::kLong).contiguous();  // stays on the device
       ranges_from_device_offsets_kernel<<<grid_for(num_rows, kThreads), kThreads, 0, stream>>>(
@@ -145,7 +145,6 @@ GraphLayout layout_cuda(const at::Tensor& offsets, int64_t num_rows, const at::D
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
-  if (!packed) layout.size = 0;
   return layout;
 }
 
@@ -286,6 +285,38 @@ constexpr int kMmaStepK = 32;
 constexpr int kMmaRow = kMmaStepK + 8;  // 80-byte staged rows: a multiple of 16 bytes (wmma's
                                         // ldm) whose 8-row groups fall on distinct banks
 
+// A warp's 32 x 32 quarter of a 64 x 64 tile (rows wr.., columns wc..): 2 x 2 accumulator
+// fragments, shared by the tensor-core kernels.
+template <typename Acc>
+__device__ __forceinline__ void zero_quarter(Acc (&acc)[2][2]) {
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int b = 0; b < 2; ++b) nvcuda::wmma::fill_fragment(acc[a][b], 0.0f);
+}
+
+// acc[a][b] += fa[a] fb[b]
+template <typename Acc, typename FragA, typename FragB>
+__device__ __forceinline__ void mma_quarter(Acc (&acc)[2][2], const FragA (&fa)[2],
+                                            const FragB (&fb)[2]) {
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int b = 0; b < 2; ++b) nvcuda::wmma::mma_sync(acc[a][b], fa[a], fb[b], acc[a][b]);
+}
+
+template <typename Acc>
+__device__ __forceinline__ void store_quarter(const Acc (&acc)[2][2],
+                                              float (&tile)[kTile][kTile + kTilePad], int wr,
+                                              int wc) {
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int b = 0; b < 2; ++b)
+      nvcuda::wmma::store_matrix_sync(&tile[wr + 16 * a][wc + 16 * b], acc[a][b],
+                                      kTile + kTilePad, nvcuda::wmma::mem_row_major);
+}
+
 template <typename T, bool kVectors>
 __global__ void __launch_bounds__(kMmaThreads)
 block_gram_mma_kernel(const T* __restrict__ x0, const T* __restrict__ x1, int64_t N, int64_t D,
@@ -307,10 +338,7 @@ block_gram_mma_kernel(const T* __restrict__ x0, const T* __restrict__ x1, int64_
   const int warp = threadIdx.x / 32;
   const int wr = (warp / 2) * 32, wc = (warp % 2) * 32;  // the warp's quarter of the tile
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
-#pragma unroll
-  for (int a = 0; a < 2; ++a)
-#pragma unroll
-    for (int b = 0; b < 2; ++b) wmma::fill_fragment(acc[a][b], 0.0f);
+  zero_quarter(acc);
   // staging: 16-byte chunks (8 values) of both tiles' 64 rows x kMmaStepK values; chunk
   // q = threadIdx.x + kMmaThreads i, 4 to a row, so one warp's loads cover 8 rows' 64 bytes.
   // kVectors (D % 8 == 0, 16-byte aligned rows; k_chunk and the steps are multiples of 8): a
@@ -349,19 +377,11 @@ block_gram_mma_kernel(const T* __restrict__ x0, const T* __restrict__ x1, int64_
       for (int b = 0; b < 2; ++b)
         wmma::load_matrix_sync(fb[b], reinterpret_cast<const W*>(&staged[1][wc + 16 * b][kk]),
                                kMmaRow);
-#pragma unroll
-      for (int a = 0; a < 2; ++a)
-#pragma unroll
-        for (int b = 0; b < 2; ++b) wmma::mma_sync(acc[a][b], fa[a], fb[b], acc[a][b]);
+      mma_quarter(acc, fa, fb);
     }
     __syncthreads();
   }
-#pragma unroll
-  for (int a = 0; a < 2; ++a)
-#pragma unroll
-    for (int b = 0; b < 2; ++b)
-      wmma::store_matrix_sync(&tile[wr + 16 * a][wc + 16 * b], acc[a][b], kTile + kTilePad,
-                              wmma::mem_row_major);
+  store_quarter(acc, tile, wr, wc);
   __syncthreads();
   float* o = out + blockIdx.z * plane;
   for (int e = threadIdx.x; e < kTile * kTile; e += kMmaThreads) {
@@ -514,10 +534,7 @@ block_factor_matmul_tf32_kernel(const float* __restrict__ m, const T* __restrict
   const int warp = threadIdx.x / 32;
   const int wr = (warp / 2) * 32, wc = (warp % 2) * 32;  // the warp's quarter of the tile
   wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[2][2];
-#pragma unroll
-  for (int a = 0; a < 2; ++a)
-#pragma unroll
-    for (int b = 0; b < 2; ++b) wmma::fill_fragment(acc[a][b], 0.0f);
+  zero_quarter(acc);
   // staging: thread t copies 16 consecutive columns of M's row r0 + t % 64 (its graph's only)
   // and 16 rows of X's column d0 + t % 64; shared stores along the tile's 64: conflict free
   constexpr int kPerThread = kTf32StepK * kTile / kMmaThreads;
@@ -555,19 +572,11 @@ block_factor_matmul_tf32_kernel(const float* __restrict__ m, const T* __restrict
 #pragma unroll
       for (int b = 0; b < 2; ++b)  // X's values are TF32 already
         wmma::load_matrix_sync(fb[b], &xs[kk][wc + 16 * b], kTile + kTilePad);
-#pragma unroll
-      for (int a = 0; a < 2; ++a)
-#pragma unroll
-        for (int b = 0; b < 2; ++b) wmma::mma_sync(acc[a][b], fa[a], fb[b], acc[a][b]);
+      mma_quarter(acc, fa, fb);
     }
     __syncthreads();
   }
-#pragma unroll
-  for (int a = 0; a < 2; ++a)
-#pragma unroll
-    for (int b = 0; b < 2; ++b)
-      wmma::store_matrix_sync(&tile[wr + 16 * a][wc + 16 * b], acc[a][b], kTile + kTilePad,
-                              wmma::mem_row_major);
+  store_quarter(acc, tile, wr, wc);
   __syncthreads();
   const float s = load_scalar<float>(scale);
   for (int e = threadIdx.x; e < kTile * kTile; e += kMmaThreads) {
